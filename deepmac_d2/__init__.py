@@ -1,0 +1,14 @@
+"""deepmac-d2: DeepMAC's deep mask heads for Detectron2's Mask R-CNN.
+
+``import deepmac_d2`` is the whole integration: it registers the mask heads,
+the ROI heads and the datasets in Detectron2's registries and catalogs.
+"""
+from .compat import install_c_fallback
+
+# Before anything imports detectron2: its v0.6 sdist has no compiled _C.
+install_c_fallback()
+
+from .config import add_deepmac_config  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["add_deepmac_config"]

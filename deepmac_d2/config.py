@@ -1,0 +1,36 @@
+"""Every config key deepmac-d2 adds to Detectron2, with its default.
+
+Keys live under the node where Detectron2 users look for them (the mask head's
+under ``MODEL.ROI_MASK_HEAD``); new nodes only for new concepts (``DEEPMAC``
+for the launcher, ``DATASETS.EVAL_CLASS_SUBSETS`` for subset evaluation).
+The TF Model Garden name of each key is given where there is one.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_deepmac_config(cfg):
+    """Add deepmac-d2's keys to ``cfg`` (a Detectron2 CfgNode), in place."""
+    head = cfg.MODEL.ROI_MASK_HEAD
+    # Mask-head network: "default" (NUM_CONV 3x3 convs) or "hourglass10/20/32/52/100".
+    # TF: task.model.mask_head.convnet_variant. CONV_DIM is TF's num_filters.
+    head.CONVNET_VARIANT = "default"
+    # Kernel and stride of the transposed conv after the network; the mask is
+    # POOLER_RESOLUTION * UPSAMPLE_FACTOR wide. TF: mask_head.upsample_factor.
+    head.UPSAMPLE_FACTOR = 2
+    # Train the mask branch on ground-truth boxes instead of sampled foreground
+    # proposals (the paper's "GT boxes"). TF: task.model.use_gt_boxes_for_masks.
+    head.USE_GT_BOXES = False
+    # Dataset category ids (as in the COCO json) whose instances train the mask
+    # head; empty = all classes. A preset name ("voc", "nonvoc") is also accepted.
+    # TF: task.allowed_mask_class_ids (COCO ids).
+    head.ALLOWED_CLASS_IDS = []
+
+    # Named class subsets to report AP on, besides all classes: each entry is a
+    # preset name ("voc", "nonvoc") or "name:id1,id2,..." with dataset category ids.
+    cfg.DATASETS.EVAL_CLASS_SUBSETS = []
+
+    cfg.DEEPMAC = CN()
+    # Where to train: "auto" (CUDA if present, else CPU), "cuda", "cpu" or "xla" (TPU via torch-xla).
+    cfg.DEEPMAC.ACCELERATOR = "auto"
+    # bf16 autocast on XLA, as the reference trains in bf16 on TPU.
+    cfg.DEEPMAC.XLA_BF16 = True

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+# Tests build everything from random weights and generated data: never download.
+os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(os.path.dirname(__file__), "_no_datasets"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        skip = pytest.mark.skip(reason="torch-xla not installed (run `make test-xla`)")
+        for item in items:
+            if "xla" in item.keywords:
+                item.add_marker(skip)

@@ -9,6 +9,7 @@ from .compat import install_c_fallback
 install_c_fallback()
 
 from .config import add_deepmac_config  # noqa: E402
+from . import data, evaluation, modeling  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"
 __all__ = ["add_deepmac_config"]

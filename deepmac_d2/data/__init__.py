@@ -1,0 +1,1 @@
+"""Class splits (VOC / non-VOC), dataset registration, the embedded synthetic dataset."""

@@ -1,0 +1,1 @@
+"""Trainer and the accelerator-aware launcher (CUDA / CPU / XLA-TPU)."""

@@ -1,0 +1,1 @@
+"""COCO evaluation restricted to class subsets."""

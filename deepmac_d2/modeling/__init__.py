@@ -1,0 +1,1 @@
+"""Mask heads (Hourglass network, DeepMaskHead) and the partially supervised ROIHeads."""

@@ -17,6 +17,9 @@ def add_deepmac_config(cfg):
     # Kernel and stride of the transposed conv after the network; the mask is
     # POOLER_RESOLUTION * UPSAMPLE_FACTOR wide. TF: mask_head.upsample_factor.
     head.UPSAMPLE_FACTOR = 2
+    # The reference's mask head uses BatchNorm; Detectron2's default is "" (none).
+    # "" still means no norm; "SyncBN", "GN", "FrozenBN" are accepted too.
+    head.NORM = "BN"
     # Train the mask branch on ground-truth boxes instead of sampled foreground
     # proposals (the paper's "GT boxes"). TF: task.model.use_gt_boxes_for_masks.
     head.USE_GT_BOXES = False

@@ -1,1 +1,5 @@
 """Mask heads (Hourglass network, DeepMaskHead) and the partially supervised ROIHeads."""
+from .hourglass import HourglassNetwork
+from .mask_head import CONVNET_VARIANTS, DeepMaskHead
+
+__all__ = ["CONVNET_VARIANTS", "DeepMaskHead", "HourglassNetwork"]

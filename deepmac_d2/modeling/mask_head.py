@@ -1,0 +1,151 @@
+"""DeepMAC's mask head (Birodkar et al., arXiv 2104.00613) as a Detectron2 ROI mask head.
+
+The paper's finding is that the mask head's architecture, not a new loss, decides
+how well masks generalise to classes that had no mask in training: a deep
+hourglass head beats Mask R-CNN's 4-conv head by a wide margin on unseen classes.
+The head follows the TF Model Garden ``DeepMaskHead`` (widths, norms, init, so
+the parameter counts equal the reference's); Detectron2's ``mask_rcnn_loss`` and
+``mask_rcnn_inference`` do the rest, unchanged, through ``BaseMaskRCNNHead``.
+"""
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
+
+from . import hourglass
+from .hourglass import norm_layer
+
+__all__ = ["DeepMaskHead", "CONVNET_VARIANTS"]
+
+# The head's own BatchNorms (default variant's convs, deconv): the reference's
+# Keras momentum 0.99 (PyTorch's momentum weighs the new batch: 0.01) and eps 1e-3.
+HEAD_BN_EPS = 1e-3
+HEAD_BN_MOMENTUM = 0.01
+
+# Hourglass builders by the reference's `convnet_variant` name. The reference
+# offers hourglass20/52/100; 10 and 32 complete the paper's depth study.
+_HOURGLASSES = {
+    "hourglass10": hourglass.hourglass10,
+    "hourglass20": hourglass.hourglass20,
+    "hourglass32": hourglass.hourglass32,
+    "hourglass52": hourglass.hourglass52,
+    "hourglass100": hourglass.hourglass100,
+}
+CONVNET_VARIANTS = ("default",) + tuple(_HOURGLASSES)
+
+
+class _LastHourglassOutput(nn.Module):
+    """The reference's heads keep only the last hourglass's output."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network(x)[-1]
+
+
+def _default_convnet(in_channels, num_filters, num_convs, norm):
+    """Mask R-CNN's stack of 3x3 convs, with the reference's conv bias and head BN."""
+    layers = []
+    for _ in range(num_convs):
+        layers.append(nn.Conv2d(in_channels, num_filters, 3, padding=1))
+        norm_module = norm_layer(norm, num_filters, HEAD_BN_EPS, HEAD_BN_MOMENTUM)
+        if norm_module is not None:
+            layers.append(norm_module)
+        layers.append(nn.ReLU(inplace=True))
+        in_channels = num_filters
+    return nn.Sequential(*layers), in_channels
+
+
+def build_convnet(variant, in_channels, num_filters, num_convs, norm):
+    """The network between the ROI features and the upsampling; returns it and its width.
+
+    The hourglass variants ignore ``num_convs``: their depth is in their name.
+    """
+    if variant == "default":
+        return _default_convnet(in_channels, num_filters, num_convs, norm)
+    if variant not in _HOURGLASSES:
+        raise ValueError(
+            f"Unknown mask-head convnet variant {variant!r} "
+            f"(MODEL.ROI_MASK_HEAD.CONVNET_VARIANT); valid: {', '.join(CONVNET_VARIANTS)}"
+        )
+    network = _HOURGLASSES[variant](in_channels, num_filters, norm=norm)
+    return _LastHourglassOutput(network), network.out_channels
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class DeepMaskHead(BaseMaskRCNNHead):
+    """A convnet (Mask R-CNN's 4 convs or an hourglass), then a transposed conv that
+    upsamples by ``upsample_factor`` + norm + ReLU, then 1x1 mask logits.
+
+    Outputs one channel (class-agnostic, the paper's setting: a mask for classes
+    never seen with masks) or one per class, which Detectron2's loss and inference
+    pick by each ROI's class (the reference's gather).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        num_classes,
+        convnet_variant="default",
+        num_filters=256,
+        num_convs=4,
+        upsample_factor=2,
+        norm="BN",
+        **kwargs,
+    ):
+        """
+        Args:
+            input_shape: shape of the ROI features.
+            num_classes: 1 for class-agnostic masks, else the number of classes.
+            convnet_variant: "default" or "hourglass10/20/32/52/100".
+            num_filters: width of the default convs / hourglass base width ``n``
+                (the hourglass outputs ``2n`` channels); the deconv outputs ``num_filters``.
+            num_convs: number of 3x3 convs of the default variant.
+            upsample_factor: kernel and stride of the transposed conv.
+            norm: Detectron2 norm name ("BN", "SyncBN", "FrozenBN", "GN", "") or callable,
+                for the convnet and the deconv; the reference uses BatchNorm.
+            kwargs: ``loss_weight``, ``vis_period`` of :class:`BaseMaskRCNNHead`.
+        """
+        super().__init__(**kwargs)
+        self.convnet, width = build_convnet(
+            convnet_variant, input_shape.channels, num_filters, num_convs, norm
+        )
+        self.deconv = nn.ConvTranspose2d(width, num_filters, upsample_factor, upsample_factor)
+        self.deconv_norm = (
+            norm_layer(norm, num_filters, HEAD_BN_EPS, HEAD_BN_MOMENTUM) or nn.Identity()
+        )
+        self.predictor = nn.Conv2d(num_filters, num_classes, 1)
+
+        # The reference's VarianceScaling(2, fan_out, normal) with zero biases on the
+        # head's own convs; the hourglass keeps its glorot-uniform kernels.
+        head_convs = [self.deconv, self.predictor]
+        if convnet_variant == "default":
+            head_convs += [m for m in self.convnet if isinstance(m, nn.Conv2d)]
+        for layer in head_convs:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        head = cfg.MODEL.ROI_MASK_HEAD
+        ret.update(
+            input_shape=input_shape,
+            num_classes=1 if head.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            convnet_variant=head.CONVNET_VARIANT,
+            num_filters=head.CONV_DIM,
+            num_convs=head.NUM_CONV,
+            upsample_factor=head.UPSAMPLE_FACTOR,
+            norm=head.NORM,
+        )
+        return ret
+
+    def layers(self, x):
+        x = self.deconv_norm(self.deconv(self.convnet(x)))
+        return self.predictor(F.relu(x))

@@ -1,6 +1,14 @@
 """A pure-PyTorch ``detectron2._C`` for Detectron2 installs without compiled ops."""
 import torch
 
+from .deform_conv import (
+    deform_conv_backward_filter,
+    deform_conv_backward_input,
+    deform_conv_forward,
+    modulated_deform_conv_backward,
+    modulated_deform_conv_forward,
+)
+
 IS_DEEPMAC_FALLBACK = True
 
 

@@ -1,0 +1,157 @@
+"""ROIHeads for partially supervised training: which instances the mask head learns from."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import ImageList, Instances
+
+from ..data.class_splits import resolve_class_ids
+
+__all__ = ["DeepMaskROIHeads", "allowed_contiguous_class_ids"]
+
+
+def allowed_contiguous_class_ids(cfg) -> Optional[List[int]]:
+    """Map ``MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS`` (dataset ids) to contiguous class ids.
+
+    The config names classes by their json ``category_id`` (the reference's
+    ``allowed_mask_class_ids`` are COCO ids), but the model only ever sees Detectron2's
+    contiguous ids, so the training dataset's ``thing_dataset_id_to_contiguous_id``
+    translates them. Returns None when the key is empty (every class has masks).
+    """
+    key = "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS"
+    spec = cfg.MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS
+    if not spec:
+        return None
+    ids = resolve_class_ids(spec)
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError(f"{key} needs DATASETS.TRAIN to map its dataset ids to class indices")
+    # Detectron2 requires all training datasets to share their classes; the first one decides.
+    name = cfg.DATASETS.TRAIN[0]
+    meta = MetadataCatalog.get(name)
+    if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+        # register_coco_instances records the id map only once the json is loaded
+        # (the builtin COCO splits have it up front).
+        DatasetCatalog.get(name)
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if id_map is None:
+        raise ValueError(
+            f"{key}: dataset {name!r} has no 'thing_dataset_id_to_contiguous_id' metadata, "
+            "so its category ids cannot be mapped to class indices"
+        )
+    missing = [i for i in ids if i not in id_map]
+    if missing:
+        raise ValueError(
+            f"{key}: category id(s) {missing} are not in dataset {name!r}; "
+            f"its category ids are {sorted(id_map)}"
+        )
+    return sorted(id_map[i] for i in ids)
+
+
+@ROI_HEADS_REGISTRY.register()
+class DeepMaskROIHeads(StandardROIHeads):
+    """StandardROIHeads whose mask branch trains on GT boxes and on a subset of classes.
+
+    DeepMAC's two training changes, both confined to the mask branch during training:
+
+    * ``mask_use_gt_boxes``: the mask head pools features at the ground-truth boxes and
+      learns their masks, instead of learning from sampled foreground proposals. The
+      paper finds this is what lets a deep mask head generalise to unseen classes (the
+      reference's ``use_gt_boxes_for_masks``).
+    * ``mask_allowed_classes``: only instances of these classes train the mask head (the
+      partially supervised setting); RPN and box head still learn every class.
+
+    The mask loss stays Detectron2's ``mask_rcnn_loss`` (through the mask head), applied
+    to the kept instances only: per-pixel sigmoid cross-entropy averaged over their pixels.
+    If a batch keeps no instance, the head runs on zero ROIs and that loss is
+    ``logits.sum() * 0``: zero, yet a graph through every mask-head parameter, so
+    DistributedDataParallel finds gradients for all of them. Inference is unchanged.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        mask_use_gt_boxes: bool = False,
+        mask_allowed_classes: Optional[Sequence[int]] = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            mask_use_gt_boxes: train the mask head on the ground-truth boxes of each image
+                rather than on the box branch's sampled foreground proposals.
+            mask_allowed_classes: contiguous class ids whose instances train the mask head;
+                None trains it on every class.
+            kwargs: the arguments of :class:`StandardROIHeads`.
+        """
+        super().__init__(**kwargs)
+        self.mask_use_gt_boxes = mask_use_gt_boxes
+        self.mask_allowed_classes = (
+            None if mask_allowed_classes is None else tuple(int(c) for c in mask_allowed_classes)
+        )
+        if self.mask_allowed_classes is not None:
+            bad = [c for c in self.mask_allowed_classes if not 0 <= c < self.num_classes]
+            if bad:
+                raise ValueError(f"mask_allowed_classes {bad} outside [0, {self.num_classes})")
+            # A lookup table indexed by gt_classes; the extra last entry is the background
+            # label (num_classes), never allowed. Not persistent: it comes from the config,
+            # and checkpoints stay loadable across splits.
+            allowed = torch.zeros(self.num_classes + 1, dtype=torch.bool)
+            allowed[list(self.mask_allowed_classes)] = True
+            self.register_buffer("_mask_allowed_table", allowed, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["mask_use_gt_boxes"] = cfg.MODEL.ROI_MASK_HEAD.USE_GT_BOXES
+        ret["mask_allowed_classes"] = allowed_contiguous_class_ids(cfg)
+        return ret
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
+        """See :meth:`StandardROIHeads.forward`.
+
+        In training, the parent's steps are called in the parent's order; only the
+        instances handed to ``_forward_mask`` differ (see :meth:`mask_training_instances`).
+        The parent drops ``targets`` before its mask step, hence this override rather
+        than one of ``_forward_mask``.
+        """
+        if not self.training:
+            return super().forward(images, features, proposals, targets)
+        assert targets, "'targets' argument is required during training"
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        losses = self._forward_box(features, proposals)
+        if self.mask_on:
+            mask_instances = self.mask_training_instances(proposals, targets)
+            losses.update(self._forward_mask(features, mask_instances))
+        losses.update(self._forward_keypoint(features, proposals))
+        return proposals, losses
+
+    def mask_training_instances(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
+        """The per-image instances the mask head learns from.
+
+        With ``mask_use_gt_boxes`` these are the targets themselves, with their boxes in
+        ``proposal_boxes``: the field the mask pooler reads and ``mask_rcnn_loss`` crops
+        the target masks with. Otherwise they are the sampled proposals (the parent's
+        ``_forward_mask`` keeps their foreground). Either way, instances of classes that
+        are not allowed are dropped.
+        """
+        if self.mask_use_gt_boxes:
+            instances = []
+            for t in targets:
+                x = Instances(t.image_size, **t.get_fields())
+                x.proposal_boxes = t.gt_boxes
+                instances.append(x)
+        else:
+            instances = proposals
+        if self.mask_allowed_classes is None:
+            return instances
+        return [x[self._mask_allowed_table[x.gt_classes]] for x in instances]

@@ -1,1 +1,2 @@
 """Class splits (VOC / non-VOC), dataset registration, the embedded synthetic dataset."""
+from . import synthetic  # noqa: F401,E402  (registers synthetic_train / synthetic_val)

@@ -8,6 +8,9 @@ from .deform_conv import (
     modulated_deform_conv_backward,
     modulated_deform_conv_forward,
 )
+from .roi_align_rotated import roi_align_rotated_backward, roi_align_rotated_forward
+from .rotated_boxes import box_iou_rotated
+from .rotated_nms import nms_rotated
 
 IS_DEEPMAC_FALLBACK = True
 

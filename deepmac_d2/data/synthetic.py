@@ -181,8 +181,10 @@ def register_synthetic(root=None, name_prefix="synthetic"):
     """Register ``<name_prefix>_train`` and ``<name_prefix>_val`` (data under ``root``,
     default :func:`default_root`) in Detectron2's catalogs, without reading anything.
 
-    The metadata is what ``register_coco_instances`` plus ``load_coco_json``
-    would set, known up front since the classes are fixed, plus the split:
+    This is ``register_coco_instances`` with its loader wrapped by
+    :func:`load_synthetic` (so a missing json says how to generate it), and
+    with the metadata ``load_coco_json`` would only set on loading known up
+    front, since the classes are fixed; plus the split:
     ``seen_class_ids`` / ``novel_class_ids`` (dataset ids, as in the json).
     Calling again re-points the names, e.g. at a harder variant of the data.
     """

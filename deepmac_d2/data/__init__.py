@@ -1,2 +1,3 @@
 """Class splits (VOC / non-VOC), dataset registration, the embedded synthetic dataset."""
 from . import synthetic  # noqa: F401,E402  (registers synthetic_train / synthetic_val)
+from .dataset_check import check_dataset_files  # noqa: F401

@@ -1,6 +1,12 @@
 """A pure-PyTorch ``detectron2._C`` for Detectron2 installs without compiled ops."""
 import torch
 
+from .coco_eval import (
+    COCOevalAccumulate,
+    COCOevalEvaluateImages,
+    ImageEvaluation,
+    InstanceAnnotation,
+)
 from .deform_conv import (
     deform_conv_backward_filter,
     deform_conv_backward_input,

@@ -21,15 +21,19 @@ def add_deepmac_config(cfg):
     # "" still means no norm; "SyncBN", "GN", "FrozenBN" are accepted too.
     head.NORM = "BN"
     # Train the mask branch on ground-truth boxes instead of sampled foreground
-    # proposals (the paper's "GT boxes"). TF: task.model.use_gt_boxes_for_masks.
+    # proposals (the paper's "GT boxes"); needs ROI_HEADS.NAME "DeepMaskROIHeads".
+    # TF: task.model.use_gt_boxes_for_masks.
     head.USE_GT_BOXES = False
     # Dataset category ids (as in the COCO json) whose instances train the mask
-    # head; empty = all classes. A preset name ("voc", "nonvoc") is also accepted.
+    # head; empty = all classes. Entries may also be the COCO presets "voc" (20
+    # classes) and "nonvoc" (60), e.g. ["voc"]. Mapped to class indices through the
+    # first DATASETS.TRAIN dataset; needs ROI_HEADS.NAME "DeepMaskROIHeads".
     # TF: task.allowed_mask_class_ids (COCO ids).
     head.ALLOWED_CLASS_IDS = []
 
-    # Named class subsets to report AP on, besides all classes: each entry is a
-    # preset name ("voc", "nonvoc") or "name:id1,id2,..." with dataset category ids.
+    # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
+    # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
+    # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.
     cfg.DATASETS.EVAL_CLASS_SUBSETS = []
 
     cfg.DEEPMAC = CN()

@@ -349,8 +349,9 @@ def tiny_coco():
     annotation(annotations, 5, 1, [60.0, 60.0, 200.0, 150.0], crowd=1)
     results.append((5, 1, [300.0, 250.0, 40.0, 40.0], 0.9))
     results.append((5, 1, [100.0, 100.0, 50.0, 40.0], 0.9))
-    for box, score in [([200.0, 170.0, 30, 30], 0.8), ([65.0, 65, 25, 25], 0.6), ([220.0, 65, 30, 30], 0.5)]:
-        results.append((5, 1, box, score))
+    results.append((5, 1, [200.0, 170.0, 30.0, 30.0], 0.8))
+    results.append((5, 1, [65.0, 65.0, 25.0, 25.0], 0.6))
+    results.append((5, 1, [220.0, 65.0, 30.0, 30.0], 0.5))
     # Two objects at exactly the same IoU (2/3) from the first detection: it takes the
     # later one, which leaves the earlier one to the second detection (IoU 1; 3/7 with
     # the later one).

@@ -45,13 +45,18 @@ class ImageEvaluation:
     ``ground_truth_ignores`` (G,) complete it.
     """
 
-    __slots__ = ("detection_matches", "detection_ignores", "detection_scores", "ground_truth_ignores")
+    __slots__ = (
+        "detection_matches",
+        "detection_ignores",
+        "detection_scores",
+        "ground_truth_ignores",
+    )
 
-    def __init__(self, detection_matches, detection_ignores, detection_scores, ground_truth_ignores):
+    def __init__(self, detection_matches, detection_ignores, detection_scores, gt_ignores):
         self.detection_matches = detection_matches
         self.detection_ignores = detection_ignores
         self.detection_scores = detection_scores
-        self.ground_truth_ignores = ground_truth_ignores
+        self.ground_truth_ignores = gt_ignores
 
 
 def _evaluate_image(area_ranges, max_detections, iou_thresholds, ious, ground_truth, detections):

@@ -88,7 +88,9 @@ def _bilinear_taps(
 
 def _groups(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, channels):
     """Yield (roi indices, grid_h, grid_w) for chunks of RoIs that share a grid."""
-    grid_h, grid_w = _sampling_grids(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
+    grid_h, grid_w = _sampling_grids(
+        rois, spatial_scale, pooled_height, pooled_width, sampling_ratio
+    )
     grids, which = torch.unique(torch.stack([grid_h, grid_w], dim=1), dim=0, return_inverse=True)
     for g, (gh, gw) in enumerate(grids.tolist()):
         if gh * gw == 0:

@@ -16,7 +16,7 @@ from .rotated_boxes import box_iou_rotated
 def nms_rotated(boxes, scores, iou_threshold):
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    order = scores.argsort(descending=True, stable=True)
+    order = scores.sort(descending=True, stable=True).indices
     ordered = boxes[order]
     overlaps = (box_iou_rotated(ordered, ordered) > iou_threshold).cpu().numpy()
     suppressed = np.zeros(len(order), dtype=bool)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from detectron2 import _C
 from detectron2.layers import (
     DeformConv,
     ModulatedDeformConv,
@@ -131,8 +132,6 @@ def test_deform_conv_half_pixel_offset_interpolates():
     offset[:, 1] = 0.5
     weight = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     out = torch.empty(1, 1, 3, 4, dtype=torch.float64)
-    from detectron2 import _C
-
     args = (1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1)  # kW kH dW dH padW padH dilW dilH group dgroup step
     _C.deform_conv_forward(x, weight, offset, out, x.new_empty(0), x.new_empty(0), *args)
     right = F.pad(x[..., 1:], (0, 1))
@@ -390,7 +389,7 @@ def load(dataset, detections, iou_type):
 
 @pytest.mark.parametrize("use_cats", [1, 0])
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_coco_eval_opt_matches_pycocotools(iou_type, use_cats, capsys):
+def test_coco_eval_opt_matches_pycocotools(iou_type, use_cats):
     from detectron2.evaluation.fast_eval_api import COCOeval_opt
 
     dataset, detections = tiny_coco()

@@ -1,8 +1,8 @@
 """Subset AP equals pycocotools' COCOeval with params.catIds set to the subset.
 
 A small COCO dataset is written by hand (non-contiguous category ids, a crowd region,
-a category without ground truth, objects of all three COCO area ranges) with fixed
-predictions. The evaluator's numbers go through Detectron2's COCOEvaluator pipeline;
+a category without ground truth, diamond-shaped objects of all three COCO area ranges)
+with fixed predictions. The evaluator's numbers go through Detectron2's COCOEvaluator pipeline;
 the expected ones are computed here from the same predictions with pycocotools alone.
 """
 import contextlib
@@ -39,6 +39,17 @@ def rect_mask(x0, y0, w, h):
     return m
 
 
+def diamond(x0, y0, side):
+    """The polygon of the diamond inscribed in a square box: mask IoU differs from box IoU."""
+    h = side / 2
+    return [x0 + h, y0, x0 + side, y0 + h, x0 + h, y0 + side, x0, y0 + h]
+
+
+def diamond_mask(x0, y0, w, h):
+    rles = mask_util.frPyObjects([diamond(x0, y0, w)], SIZE, SIZE)
+    return mask_util.decode(mask_util.merge(rles))
+
+
 def make_scene(rng):
     """Ground truth (4 images) and predictions as (image id, class id, x0, y0, w, h, score)."""
     images, annotations, predictions = [], [], []
@@ -46,17 +57,18 @@ def make_scene(rng):
         images.append(
             {"id": image_id, "file_name": f"{image_id}.jpg", "width": SIZE, "height": SIZE}
         )
-        for side in (12, 40, 110):  # small (< 32^2), medium, large objects
-            cat = int(rng.choice([1, 3, 5]))
+        # Diamonds of area 72, 1800, 9800 (small, medium, large), each class in every size.
+        for k, side in enumerate((12, 60, 140)):
+            cat = (1, 3, 5)[(image_id + k) % 3]
             x0, y0 = (int(v) for v in rng.integers(0, SIZE - side, size=2))
             annotations.append(
                 {
                     "image_id": image_id,
                     "category_id": cat,
                     "bbox": [x0, y0, side, side],
-                    "area": side * side,
+                    "area": side * side / 2,
                     "iscrowd": 0,
-                    "segmentation": [[x0, y0, x0 + side, y0, x0 + side, y0 + side, x0, y0 + side]],
+                    "segmentation": [diamond(x0, y0, side)],
                 }
             )
             # A detection with a random shift (IoU from ~0.4 to 1), sometimes of the wrong class.
@@ -111,7 +123,7 @@ def run_evaluator(evaluator, name, predictions):
         inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
         inst.scores = torch.tensor([d[6] for d in dets])
         inst.pred_classes = torch.tensor([id_map[d[1]] for d in dets])
-        inst.pred_masks = torch.from_numpy(np.stack([rect_mask(*d[2:6]) for d in dets])).bool()
+        inst.pred_masks = torch.from_numpy(np.stack([diamond_mask(*d[2:6]) for d in dets])).bool()
         evaluator.process([{"image_id": image_id}], [{"instances": inst}])
     return evaluator.evaluate()
 
@@ -126,7 +138,7 @@ def pycocotools_stats(json_file, predictions, iou_type, cat_ids):
             if iou_type == "bbox":
                 r["bbox"] = [x, y, w, h]
             else:  # mask AP: no "bbox", so that areas are mask areas
-                rle = mask_util.encode(np.asfortranarray(rect_mask(x, y, w, h)))
+                rle = mask_util.encode(np.asfortranarray(diamond_mask(x, y, w, h)))
                 r["segmentation"] = rle
             results.append(r)
         coco_eval = COCOeval(gt, gt.loadRes(results), iou_type)

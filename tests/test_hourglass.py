@@ -18,12 +18,14 @@ def trainable(module):
 
 
 def bn_statistics(module):
-    return sum(b.numel() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var")))
+    stats = ("running_mean", "running_var")
+    return sum(b.numel() for name, b in module.named_buffers() if name.endswith(stats))
 
 
 def residual(c_in, c_out, skip):
     """Trainable size of a residual block: two 3x3 convs (no bias) + BN, optional 1x1 skip + BN."""
-    return 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + 2 * c_out + skip * (c_in * c_out + 2 * c_out)
+    convs = 9 * c_in * c_out + 9 * c_out * c_out + skip * c_in * c_out
+    return convs + (2 + skip) * 2 * c_out
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,8 @@ def test_hourglass52_parts_match_tf(hg52):
     assert trainable(hg52) == 377_728 + 23_047_680 + 147_712
     # TF non-trainable 29,440 for the head, minus the deconv BN's 2 x 64.
     assert bn_statistics(hg52) == 29_440 - 128
-    assert sum(isinstance(m, nn.Conv2d) for m in hg52.modules()) == 82 - 2  # TF 82 incl. deconv, logits
+    # TF's 82 convolutions include the head's deconv and logits.
+    assert sum(isinstance(m, nn.Conv2d) for m in hg52.modules()) == 82 - 2
 
 
 def test_hourglass52_levels_match_tf(hg52):
@@ -53,7 +56,8 @@ def test_hourglass52_levels_match_tf(hg52):
     ]
     level = hg52.hourglasses[0]
     for enc1, enc2, dec in tf_levels:
-        assert (trainable(level.encoder1), trainable(level.encoder2), trainable(level.decoder)) == (enc1, enc2, dec)
+        parts = (level.encoder1, level.encoder2, level.decoder)
+        assert tuple(map(trainable, parts)) == (enc1, enc2, dec)
         level = level.inner
     assert trainable(level) == 4_722_688  # the bottleneck
 
@@ -70,10 +74,9 @@ def test_ablation_variants_by_hand():
 def test_uniform_size_keeps_resolution_everywhere():
     net = hg.hourglass20_uniform_size(8, 4).eval()
     sizes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-2:])) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-2:]))
     net(torch.randn(1, 8, 6, 6))
-    for h in hooks:
-        h.remove()
     assert set(sizes) == {torch.Size([6, 6])}
 
 
@@ -123,7 +126,8 @@ def test_residual_skip_only_where_needed():
     assert isinstance(hg.ResidualBlock(8, 8).skip, nn.Identity)
     assert not isinstance(hg.ResidualBlock(8, 8, stride=2).skip, nn.Identity)
     assert not isinstance(hg.ResidualBlock(8, 16).skip, nn.Identity)
-    assert all(m.bias is None for m in hg.ResidualBlock(8, 16).modules() if isinstance(m, nn.Conv2d))
+    convs = [m for m in hg.ResidualBlock(8, 16).modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(m.bias is None for m in convs)
 
 
 def test_batchnorm_and_init_as_reference():

@@ -55,10 +55,13 @@ def make_head(variant="default", num_filters=8, crop=16, num_classes=1, in_chann
 
 
 def bn_statistics(module):
-    return sum(b.numel() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var")))
+    stats = ("running_mean", "running_var")
+    return sum(b.numel() for name, b in module.named_buffers() if name.endswith(stats))
 
 
-@pytest.mark.parametrize("key", sorted(TF_PARAMS), ids=lambda k: f"{k[0]}-n{k[1]}-{'agn' if k[2] else 'cls'}")
+@pytest.mark.parametrize(
+    "key", sorted(TF_PARAMS), ids=lambda k: f"{k[0]}-n{k[1]}-{'agnostic' if k[2] else 'classes'}"
+)
 def test_parameter_counts_equal_tf(key):
     variant, num_filters, class_agnostic = key
     # On the meta device: no memory for the 755M-parameter hourglass100 (n = 256).
@@ -83,7 +86,8 @@ def test_output_is_crop_times_upsample_factor(variant, crop, factor):
     # Odd crops: the TF reference raises a shape error for the hourglasses there.
     head = make_head(variant, crop=crop, upsample_factor=factor).eval()
     with torch.no_grad():
-        assert head.layers(torch.randn(3, 16, crop, crop)).shape == (3, 1, crop * factor, crop * factor)
+        out = head.layers(torch.randn(3, 16, crop, crop))
+    assert out.shape == (3, 1, crop * factor, crop * factor)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -124,8 +128,9 @@ def test_init_and_batchnorm_as_reference():
         assert not layer.bias.any()
     bns = [m for m in head.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 5 and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
-    hg_bns = [m for m in make_head("hourglass10").convnet.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert all(m.eps == 1e-5 and m.momentum == 0.9 for m in hg_bns)
+    hg_head = make_head("hourglass10")
+    hg_bns = [m for m in hg_head.convnet.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert hg_bns and all(m.eps == 1e-5 and m.momentum == 0.9 for m in hg_bns)
 
 
 @pytest.mark.parametrize("norm", ["SyncBN", "FrozenBN", "GN", ""])
@@ -139,7 +144,8 @@ def test_other_norms(norm):
 def tiny_cfg(variant="default"):
     cfg = get_cfg()
     deepmac_d2.add_deepmac_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
+    zoo_config = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_config))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
@@ -165,7 +171,8 @@ def test_builds_from_config_through_registry(variant):
     cfg.MODEL.ROI_MASK_HEAD.UPSAMPLE_FACTOR = 4
     head = build_mask_head(cfg, ShapeSpec(channels=32, height=14, width=14))
     assert isinstance(head, DeepMaskHead)
-    assert any(isinstance(m, nn.BatchNorm2d) for m in head.modules())  # NORM defaults to the reference's BN
+    # add_deepmac_config's NORM default is the reference's BatchNorm.
+    assert any(isinstance(m, nn.BatchNorm2d) for m in head.modules())
     with torch.no_grad():
         assert head.eval().layers(torch.randn(2, 32, 14, 14)).shape == (2, 1, 56, 56)
 

@@ -35,6 +35,7 @@ __all__ = [
 # moving average keeps 10% of its old value (PyTorch's momentum is the weight
 # of the new batch, so 0.9). PyTorch averages the unbiased batch variance where
 # Keras uses the biased one; over ROIs x H x W values the difference is negligible.
+# The reference's hourglass BN is Keras' SyncBatchNormalization: norm "SyncBN" here.
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 

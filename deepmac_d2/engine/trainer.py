@@ -1,0 +1,104 @@
+"""The Trainer and config set-up shared by ``train_net.py`` and the benchmarks."""
+import difflib
+import logging
+import os
+import weakref
+
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+
+from ..config import add_deepmac_config
+from ..data import check_dataset_files
+from ..evaluation import build_subset_evaluator
+from .accelerator import resolve_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer with subset evaluation and an XLA path.
+
+    On XLA the step and the checkpointer are swapped for their torch-xla
+    versions; everything else (hooks, schedule, resume) is Detectron2's.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.DEEPMAC.ACCELERATOR == "xla":
+            from .xla import XLACheckpointer, XLASimpleTrainer
+
+            step = self._trainer
+            self._trainer = XLASimpleTrainer(
+                step.model, step.data_loader, step.optimizer, bf16=cfg.DEEPMAC.XLA_BF16
+            )
+            self.checkpointer = XLACheckpointer(step.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+            # The periodic-checkpoint hook holds the checkpointer: build the hooks again.
+            self._hooks = []
+            self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_subset_evaluator(cfg, dataset_name, output_folder)
+
+
+def _merge_with_hint(merge, what, keys_of):
+    """Run a CfgNode merge; on an unknown key, say which known keys are closest."""
+    try:
+        merge()
+    except KeyError as e:
+        msg = str(e.args[0]) if e.args else str(e)
+        bad = msg.rsplit(":", 1)[-1].strip()
+        close = difflib.get_close_matches(bad, keys_of(), n=3, cutoff=0.75)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise KeyError(f"{what}: {msg}.{hint}") from None
+
+
+def _all_keys(node, prefix=""):
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        if hasattr(v, "items"):
+            yield from _all_keys(v, name + ".")
+        else:
+            yield name
+
+
+def load_config(args):
+    """Config from a file and ``KEY VALUE`` overrides; unknown keys get a did-you-mean hint."""
+    cfg = get_cfg()
+    add_deepmac_config(cfg)
+    keys = lambda: list(_all_keys(cfg))  # noqa: E731
+    if args.config_file:
+        _merge_with_hint(lambda: cfg.merge_from_file(args.config_file), args.config_file, keys)
+    _merge_with_hint(lambda: cfg.merge_from_list(args.opts), "command-line override", keys)
+    return cfg
+
+
+def requested_accelerator(args):
+    """``--accelerator`` if given, else the config's ``DEEPMAC.ACCELERATOR``, resolved."""
+    return resolve_accelerator(getattr(args, "accelerator", None) or load_config(args).DEEPMAC.ACCELERATOR)
+
+
+def setup(args, check_datasets=True):
+    """Config from ``args`` (Detectron2's argument parser plus ``--accelerator``), frozen.
+
+    Resolves the accelerator into ``DEEPMAC.ACCELERATOR`` and ``MODEL.DEVICE``,
+    then does Detectron2's ``default_setup`` (output dir, logging, seeds).
+    """
+    cfg = load_config(args)
+    accelerator = resolve_accelerator(getattr(args, "accelerator", None) or cfg.DEEPMAC.ACCELERATOR)
+    cfg.DEEPMAC.ACCELERATOR = accelerator
+    if accelerator == "xla":
+        from .xla import init_xla_process
+
+        cfg.MODEL.DEVICE = init_xla_process()
+    else:
+        cfg.MODEL.DEVICE = accelerator
+        if accelerator == "cpu" and cfg.SOLVER.AMP.ENABLED:
+            logger.warning("SOLVER.AMP.ENABLED is CUDA-only; training in fp32 on CPU.")
+            cfg.SOLVER.AMP.ENABLED = False
+    cfg.freeze()
+    default_setup(cfg, args)
+    if check_datasets:
+        check_dataset_files(cfg)
+    return cfg

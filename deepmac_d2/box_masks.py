@@ -31,7 +31,10 @@ class BoxMasks(NamedTuple):
 
 
 def masks_at_given_boxes(
-    model, batched_inputs: List[dict], boxes: Sequence[torch.Tensor], classes: Sequence[torch.Tensor],
+    model,
+    batched_inputs: List[dict],
+    boxes: Sequence[torch.Tensor],
+    classes: Sequence[torch.Tensor],
     with_probabilities: bool = False,
 ) -> List[Instances]:
     """Run an eval-mode GeneralizedRCNN's mask branch on known boxes, for a batch of images.
@@ -84,15 +87,18 @@ def _as_boxes(boxes, height: int, width: int) -> np.ndarray:
     array = np.asarray(boxes)
     if array.size == 0:
         return np.zeros((0, 4), dtype=np.float32)
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number) or array.dtype == bool:
+    if not np.issubdtype(array.dtype, np.number):
         raise TypeError(f"boxes must be numbers (N x 4 XYXY), got an array of dtype {array.dtype}")
     if array.ndim == 1 and array.shape[0] == 4:
         array = array[None]
     if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), XYXY in image pixels; got shape {array.shape}")
+        raise ValueError(
+            f"boxes must have shape (N, 4), XYXY in image pixels; got shape {array.shape}"
+        )
     array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"boxes must be finite; box(es) {np.nonzero(~np.isfinite(array).all(1))[0].tolist()} are not")
+    infinite = np.nonzero(~np.isfinite(array).all(1))[0]
+    if len(infinite):
+        raise ValueError(f"boxes must be finite; box(es) {infinite.tolist()} are not")
     flipped = np.nonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))[0]
     if len(flipped):
         i = int(flipped[0])
@@ -171,9 +177,13 @@ class BoxMaskPredictor:
             class_ids = class_ids.detach().cpu().numpy()
         ids = np.asarray(class_ids).reshape(-1)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"class_ids must be integers (contiguous class ids), got dtype {ids.dtype}")
+            raise TypeError(
+                f"class_ids must be integers (contiguous class ids), got dtype {ids.dtype}"
+            )
         if len(ids) != num_boxes:
-            raise ValueError(f"got {len(ids)} class id(s) for {num_boxes} box(es): give one per box")
+            raise ValueError(
+                f"got {len(ids)} class id(s) for {num_boxes} box(es): give one per box"
+            )
         bad = sorted({int(i) for i in ids if not 0 <= i < num_classes})
         if bad:
             raise ValueError(f"class_ids {bad} are outside the model's classes [0, {num_classes})")
@@ -191,9 +201,13 @@ class BoxMaskPredictor:
         """
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             shape = getattr(image, "shape", type(image).__name__)
-            raise ValueError(f"image must be an H x W x 3 numpy array ({self.input_format}), got {shape}")
+            raise ValueError(
+                f"image must be an H x W x 3 numpy array ({self.input_format}), got {shape}"
+            )
         if image.dtype != np.uint8:
-            raise TypeError(f"image must be uint8 ({self.input_format}, 0..255), got dtype {image.dtype}")
+            raise TypeError(
+                f"image must be uint8 ({self.input_format}, 0..255), got dtype {image.dtype}"
+            )
         height, width = image.shape[:2]
         boxes = _as_boxes(boxes, height, width)
         classes = self._class_ids(class_ids, len(boxes))
@@ -211,7 +225,10 @@ class BoxMaskPredictor:
             "width": width,
         }
         (result,) = masks_at_given_boxes(
-            self.model, [inputs], [torch.from_numpy(boxes[keep])], [torch.from_numpy(classes[keep])],
+            self.model,
+            [inputs],
+            [torch.from_numpy(boxes[keep])],
+            [torch.from_numpy(classes[keep])],
             with_probabilities=True,
         )
         masks[keep] = result.pred_masks.cpu().numpy()

@@ -24,31 +24,39 @@ from deepmac_d2.box_masks import BoxMaskPredictor
 
 
 def parse_numbers(text, per_item, name, cast):
-    """ "a,b;c,d" -> [[a, b], [c, d]], with a message that names the faulty item."""
+    """Parse "a,b;c,d" into [[a, b], [c, d]]; errors name the faulty item."""
     items = []
     for i, item in enumerate(t for t in text.split(";") if t.strip()):
         try:
             values = [cast(v) for v in item.split(",")]
         except ValueError:
-            raise SystemExit(f"--{name}: item {i} {item!r} is not {per_item} comma-separated numbers")
+            raise SystemExit(
+                f"--{name}: item {i} {item!r} is not {per_item} comma-separated numbers"
+            )
         if len(values) != per_item:
-            raise SystemExit(f"--{name}: item {i} {item!r} has {len(values)} numbers, expected {per_item}")
+            raise SystemExit(
+                f"--{name}: item {i} {item!r} has {len(values)} numbers, expected {per_item}"
+            )
         items.append(values)
     return items
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--weights", help="checkpoint to load (default: the config's MODEL.WEIGHTS)")
+    parser.add_argument("--weights", help="checkpoint (default: the config's MODEL.WEIGHTS)")
     parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
-    parser.add_argument("--boxes", required=True, help='XYXY boxes in image pixels: "x0,y0,x1,y1;x0,y0,x1,y1"')
+    parser.add_argument(
+        "--boxes", required=True, help='XYXY boxes in image pixels: "x0,y0,x1,y1;x0,y0,x1,y1"'
+    )
     parser.add_argument(
         "--classes",
-        help="contiguous class id per box, e.g. '0;14' (or '0,14'); needed for per-class mask heads",
+        help="contiguous class id per box, '0,14' (or '0;14'); needed for per-class mask heads",
     )
-    parser.add_argument("--output", help="write a picture of the boxes and masks here (e.g. out.png)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    parser.add_argument("--output", help="write a picture of the boxes and masks here (.png)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
 
@@ -87,26 +95,28 @@ def main(argv=None):
     except (TypeError, ValueError) as err:
         raise SystemExit(f"error: {err}")
 
+    # The predictor clips the boxes to the image: report and draw what it used.
     height, width = image.shape[:2]
-    clipped = boxes.copy()
-    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
-    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
-    names = class_names(cfg)
-    labels = []
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    labels = [str(i) for i in range(len(boxes))]
+    if classes is not None:
+        names = class_names(cfg)
+        labels = [
+            f"{i} class {c}" + (f" ({names[c]})" if names else "") for i, c in enumerate(classes)
+        ]
     print(f"{args.image}: {width}x{height}, {len(boxes)} box(es)")
-    for i, (box, mask) in enumerate(zip(clipped, result.masks)):
+    for box, mask, label in zip(boxes, result.masks, labels):
         area = int(mask.sum())
         box_area = float((box[2] - box[0]) * (box[3] - box[1]))
         fraction = area / box_area if box_area > 0 else 0.0
-        cls = "" if classes is None else f" class {classes[i]}"
-        if classes is not None and names:
-            cls += f" ({names[classes[i]]})"
-        print(f"box {i} [{', '.join(f'{v:g}' for v in box)}]{cls}: mask area {area} px ({fraction:.1%} of box)")
-        labels.append(f"{i}" + ("" if classes is None or not names else f" {names[classes[i]]}"))
+        corners = ", ".join(f"{v:g}" for v in box)
+        print(f"box {label} [{corners}]: mask area {area} px ({fraction:.1%} of box)")
 
     if args.output:
         rgb = read_image(args.image, format="RGB")
-        picture = Visualizer(rgb).overlay_instances(boxes=clipped, masks=list(result.masks), labels=labels)
+        visualizer = Visualizer(rgb)
+        picture = visualizer.overlay_instances(boxes=boxes, masks=list(result.masks), labels=labels)
         picture.save(args.output)
         print(f"wrote {args.output}")
     return result

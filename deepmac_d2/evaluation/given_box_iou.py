@@ -9,8 +9,13 @@ import itertools
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader
-from detectron2.data import detection_utils
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    detection_utils,
+)
 from detectron2.evaluation import inference_context
 
 from ..box_masks import masks_at_given_boxes
@@ -28,7 +33,9 @@ def mask_iou(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
         N float64 IoUs; a pair of empty masks counts as identical (IoU 1).
     """
     if pred_masks.shape != gt_masks.shape:
-        raise ValueError(f"mask shapes differ: {tuple(pred_masks.shape)} vs {tuple(gt_masks.shape)}")
+        raise ValueError(
+            f"mask shapes differ: {tuple(pred_masks.shape)} vs {tuple(gt_masks.shape)}"
+        )
     pred = pred_masks.bool().flatten(1)
     gt = gt_masks.bool().flatten(1)
     intersection = (pred & gt).sum(1).double()
@@ -53,7 +60,9 @@ class GivenBoxMapper:
         mapped = self.image_mapper(dataset_dict)  # deep-copies; dataset_dict keeps its annotations
         annotations = [a for a in dataset_dict["annotations"] if not a.get("iscrowd", 0)]
         if any("segmentation" not in a for a in annotations):
-            raise ValueError(f"{dataset_dict['file_name']}: an annotation has no 'segmentation' (mask)")
+            raise ValueError(
+                f"{dataset_dict['file_name']}: an annotation has no 'segmentation' (mask)"
+            )
         size = (dataset_dict["height"], dataset_dict["width"])
         gt = detection_utils.annotations_to_instances(annotations, size, mask_format="bitmask")
         gt.gt_boxes.clip(size)
@@ -106,7 +115,7 @@ def given_box_mask_iou(
     )
     ious, classes = [], []
     with inference_context(model):
-        for batch in _batches(loader, batch_size):
+        for batch in _batches(itertools.chain.from_iterable(loader), batch_size):
             gts = [x.pop("instances") for x in batch]
             predictions = masks_at_given_boxes(
                 model, batch, [g.gt_boxes.tensor for g in gts], [g.gt_classes for g in gts]

@@ -205,6 +205,20 @@ def test_empty_roi_batch(class_agnostic):
     assert out.pred_masks.shape == (0, 1, 28, 28)
 
 
+def test_lone_training_roi_at_1x1_bottleneck():
+    """hourglass52 at crop 32 reaches 1x1: one ROI would leave BatchNorm one value per channel."""
+    head = make_head("hourglass52", crop=32).train()
+    x = torch.randn(1, 16, 32, 32, requires_grad=True)
+    out = head.layers(x)
+    assert out.shape == (1, 1, 64, 64)
+    # Random weights: the plain sum of a BatchNorm-ed output has zero gradient.
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad.abs().sum() > 0
+    # Two copies give the same batch statistics as the ROI alone: the output equals what
+    # the same ROI gives when it is one of two identical ROIs in a batch.
+    torch.testing.assert_close(out, head.layers(torch.cat([x, x]).detach())[:1])
+
+
 def image_with_instances(num):
     inst = Instances((64, 64))
     boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0], [20.0, 10.0, 60.0, 50.0]])[:num]

@@ -19,10 +19,40 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 
 
+_FP32_OPS = torch.library.Library("torchvision", "IMPL")
+
+
+def _nms_fp32(dets, scores, iou_threshold):
+    with torch.autocast("xla", enabled=False):
+        return torch.ops.torchvision.nms(dets.float(), scores.float(), iou_threshold)
+
+
+def _roi_align_fp32(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    with torch.autocast("xla", enabled=False):
+        out = torch.ops.torchvision.roi_align(
+            input.float(), rois.float(), spatial_scale, pooled_height, pooled_width,
+            sampling_ratio, aligned,
+        )
+    return out.to(input.dtype)
+
+
+def register_autocast_ops():
+    """Run torchvision's NMS and RoIAlign in fp32 under XLA autocast.
+
+    torchvision registers these casts for CUDA and CPU autocast only; under XLA's
+    bf16 autocast Detectron2 would hand them mixed bf16/fp32 inputs and fail.
+    """
+    if not getattr(register_autocast_ops, "done", False):
+        _FP32_OPS.impl("nms", _nms_fp32, "AutocastXLA")
+        _FP32_OPS.impl("roi_align", _roi_align_fp32, "AutocastXLA")
+        register_autocast_ops.done = True
+
+
 def init_xla_process():
     """Join this process's XLA device to the job; return the device name for MODEL.DEVICE."""
+    register_autocast_ops()
     if xr.world_size() > 1 and not dist.is_initialized():
-        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+        from torch_xla.distributed import xla_backend  # noqa: F401  (registers the "xla" backend)
 
         dist.init_process_group("xla", init_method="xla://")
     return str(torch_xla.device())

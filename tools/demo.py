@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""The `make demo` job: DeepMAC's effect, end to end, on 2 CPU cores in minutes.
+
+    python tools/demo.py                                  # output/demo
+    python tools/demo.py --output-dir /tmp/d SOLVER.MAX_ITER 200
+
+1. generates the synthetic shapes (datasets/synthetic; skipped when already there);
+2. trains configs/demo_synthetic_hg20.yaml: Mask R-CNN R18-FPN with an hourglass-20
+   mask head that learns from ground-truth boxes and from the 7 SEEN classes' masks
+   only (boxes and classes come from all 14);
+3. evaluates COCO AP on the val split: mask AP on the 7 NOVEL classes (never a mask in
+   training), on the seen ones, and box AP;
+4. evaluates the same detector again with the mask head put back to its weights at
+   iteration 0: the floor that the novel-class mask AP has to clear to mean anything;
+5. draws novel-class instances of val images: ground truth, the trained head's mask
+   and the untrained head's mask, both at the ground-truth box (the mask head alone);
+6. prints a summary table and writes it to <output>/summary.json.
+
+Trailing KEY VALUE pairs override the config, as in train_net.py.
+"""
+import os
+
+# With more OpenMP threads than free cores (the data pipeline, other jobs), libgomp's
+# default spin-waiting made a training step 3x slower on the 2-core machine this demo
+# is sized for; sleeping waiters cost nothing when the cores are free. Read when torch
+# loads OpenMP, so it is set before the first import of torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
+from deepmac_d2.box_masks import BoxMaskPredictor  # noqa: E402
+from deepmac_d2.data.synthetic import (  # noqa: E402
+    NOVEL_CLASSES,
+    default_root,
+    prepare_synthetic,
+    register_synthetic,
+)
+from deepmac_d2.engine import Trainer, setup  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
+# What stays on the terminal (everything goes to <output>/log.txt): progress with ETA
+# from training and inference, the training speed, and any warning.
+TERMINAL_LOGGERS = ("detectron2.utils.events", "detectron2.engine.hooks", "detectron2.evaluation.evaluator")
+COLUMNS = ("ground truth (novel classes)", "trained head, GT box", "untrained head, GT box")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    p.add_argument("--output-dir", help="default: the config's OUTPUT_DIR")
+    p.add_argument("--data-root", default=default_root(), help="synthetic data folder (default: %(default)s)")
+    p.add_argument("--num-train", type=int, default=600, help="synthetic train images")
+    p.add_argument("--num-val", type=int, default=150, help="synthetic val images")
+    p.add_argument("--pictures", type=int, default=6, help="val images to draw")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = p.parse_args(argv)
+    if args.output_dir:
+        args.opts += ["OUTPUT_DIR", args.output_dir]
+    return args
+
+
+def quiet_setup(args):
+    """``setup`` with Detectron2's environment, config and model dumps kept in log.txt only.
+
+    Its terminal handler is created inside ``setup`` (bound to the stdout of the
+    moment, here a sink); it is then pointed back at the terminal with a filter.
+    """
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):
+        cfg = setup(argparse.Namespace(config_file=args.config_file, opts=args.opts, accelerator=None))
+    keep = lambda r: r.levelno >= logging.WARNING or r.name.startswith(TERMINAL_LOGGERS)  # noqa: E731
+    for h in logging.getLogger("detectron2").handlers:
+        if getattr(h, "stream", None) is sink:
+            h.setStream(sys.stdout)
+            h.addFilter(keep)
+    return cfg
+
+
+def prepare_data(args):
+    """Generate the data unless the same parameters already did, and point the datasets at it."""
+    print(f"[demo] synthetic data in {args.data_root} ...", flush=True)
+    generated = prepare_synthetic(args.data_root, num_train=args.num_train, num_val=args.num_val)
+    print(f"[demo] {'generated' if generated else 'already there, reused'}", flush=True)
+    register_synthetic(args.data_root)
+
+
+def evaluate(cfg, model, folder):
+    """Subset COCO evaluation of the first test set, its files under ``folder``."""
+    name = cfg.DATASETS.TEST[0]
+    evaluator = Trainer.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, folder, name))
+    return Trainer.test(cfg, model, evaluators=[evaluator])
+
+
+def novel_images(dataset, metadata, count):
+    """The first ``count`` images with a novel-class instance, keeping those instances only."""
+    # Loaded records carry contiguous class ids; NOVEL_CLASSES are dataset ids.
+    novel = {metadata.thing_dataset_id_to_contiguous_id[c] for c in NOVEL_CLASSES}
+    picked = []
+    for d in dataset:
+        annos = [a for a in d["annotations"] if a["category_id"] in novel]
+        if annos:
+            picked.append(dict(d, annotations=annos))
+        if len(picked) == count:
+            break
+    return picked
+
+
+def draw_row(image_rgb, record, metadata, masks_by_head, scale=3):
+    """One picture per column of ``COLUMNS``, side by side; one colour per instance."""
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]]
+    colours = [c / 255 for c in _colour_cycle(len(boxes))]
+    labels = [metadata.thing_classes[a["category_id"]] for a in record["annotations"]]
+    panels = []
+    for masks in [[a["segmentation"] for a in record["annotations"]]] + masks_by_head:
+        vis = Visualizer(image_rgb, metadata, scale=scale)
+        out = vis.overlay_instances(boxes=boxes, masks=masks, labels=labels, assigned_colors=colours)
+        panels.append(out.get_image())
+    return np.hstack(panels)
+
+
+def _colour_cycle(n):
+    base = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)])
+    return [base[i % len(base)] for i in range(n)]
+
+
+def with_titles(grid, width):
+    """A title strip above the grid naming each column."""
+    strip = Image.new("RGB", (grid.shape[1], 18), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, title in enumerate(COLUMNS):
+        draw.text((i * width + 4, 3), title, fill=(0, 0, 0))
+    return np.vstack([np.asarray(strip), grid])
+
+
+def draw_pictures(cfg, model, heads, count):
+    """Write <output>/pictures/<image>.png and the grid <output>/novel_masks.png; return the paths."""
+    name = cfg.DATASETS.TEST[0]
+    metadata = MetadataCatalog.get(name)
+    predictor = BoxMaskPredictor(cfg, model=model)
+    folder = os.path.join(cfg.OUTPUT_DIR, "pictures")
+    os.makedirs(folder, exist_ok=True)
+    rows, paths = [], []
+    for record in novel_images(DatasetCatalog.get(name), metadata, count):
+        image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]]
+        masks_by_head = []
+        for state in heads:
+            model.roi_heads.mask_head.load_state_dict(state)
+            masks_by_head.append(list(predictor(image, boxes).masks))
+        rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+        row = draw_row(rgb, record, metadata, masks_by_head)
+        path = os.path.join(folder, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+        Image.fromarray(with_titles(row, row.shape[1] // len(COLUMNS))).save(path)
+        rows.append(row)
+        paths.append(path)
+    if rows:
+        path = os.path.join(cfg.OUTPUT_DIR, "novel_masks.png")
+        grid = with_titles(np.vstack(rows), rows[0].shape[1] // len(COLUMNS))
+        # A 256-colour palette keeps the picture small enough to commit.
+        Image.fromarray(grid).quantize(256).save(path)
+        paths.append(path)
+    return paths
+
+
+def metric(results, key, name="AP"):
+    """``results[key][name]``; NaN where the evaluator had no prediction to report it for."""
+    return results.get(key, {}).get(name, float("nan"))
+
+
+def summarize(trained, untrained, seconds, cfg):
+    """The numbers the demo is about, in %, with how they were obtained."""
+    return {
+        "novel_mask_AP": metric(trained, "segm/novel"),
+        "seen_mask_AP": metric(trained, "segm/seen"),
+        "box_AP": metric(trained, "bbox"),
+        "untrained_head_novel_mask_AP": metric(untrained, "segm/novel"),
+        "untrained_head_seen_mask_AP": metric(untrained, "segm/seen"),
+        "novel_mask_AP50": metric(trained, "segm/novel", "AP50"),
+        "untrained_head_novel_mask_AP50": metric(untrained, "segm/novel", "AP50"),
+        "train_and_eval_seconds": round(seconds["train"], 1),
+        "untrained_head_eval_seconds": round(seconds["baseline"], 1),
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "images_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "config": os.path.join(cfg.OUTPUT_DIR, "config.yaml"),
+        "device": cfg.MODEL.DEVICE,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def print_table(s):
+    rows = [
+        ("mask AP, novel classes (no masks in training)", s["novel_mask_AP"], s["untrained_head_novel_mask_AP"]),
+        ("mask AP, seen classes", s["seen_mask_AP"], s["untrained_head_seen_mask_AP"]),
+        ("mask AP50, novel classes", s["novel_mask_AP50"], s["untrained_head_novel_mask_AP50"]),
+        ("box AP, all classes (same detector)", s["box_AP"], s["box_AP"]),
+    ]
+    print(f"\n{'':47s} {'trained head':>13s} {'untrained head':>15s}")
+    for name, a, b in rows:
+        print(f"{name:47s} {a:13.1f} {b:15.1f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prepare_data(args)
+    cfg = quiet_setup(args)
+    print(f"[demo] training {cfg.SOLVER.MAX_ITER} iterations into {cfg.OUTPUT_DIR} "
+          f"(full log: {os.path.join(cfg.OUTPUT_DIR, 'log.txt')})", flush=True)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model
+    initial_head = copy.deepcopy(model.roi_heads.mask_head.state_dict())
+    start = time.perf_counter()
+    trainer.train()
+    # Detectron2's EvalHook evaluates after the last iteration (TEST.EVAL_PERIOD 0) and
+    # leaves the results here; train() returns them only with TEST.EXPECTED_RESULTS.
+    trained = trainer._last_eval_results
+    seconds = {"train": time.perf_counter() - start}
+    trained_head = copy.deepcopy(model.roi_heads.mask_head.state_dict())
+
+    print("[demo] the same detector with the mask head at iteration 0:", flush=True)
+    model.roi_heads.mask_head.load_state_dict(initial_head)
+    start = time.perf_counter()
+    untrained = evaluate(cfg, model, "inference_untrained_head")
+    seconds["baseline"] = time.perf_counter() - start
+
+    pictures = draw_pictures(cfg, model, [trained_head, initial_head], args.pictures)
+    model.roi_heads.mask_head.load_state_dict(trained_head)
+    summary = summarize(trained, untrained, seconds, cfg)
+    summary["pictures"] = pictures
+    path = os.path.join(cfg.OUTPUT_DIR, "summary.json")
+    with open(path, "w") as f:
+        # NaN (AP with no predictions at all) is not JSON: null.
+        json.dump({k: None if v != v else v for k, v in summary.items()}, f, indent=2)
+    print_table(summary)
+    print(f"\ntrain + eval {seconds['train']:.0f} s, untrained-head eval {seconds['baseline']:.0f} s; "
+          f"summary: {path}; pictures: {pictures[-1] if pictures else 'none'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ The head follows the TF Model Garden ``DeepMaskHead`` (widths, norms, init, so
 the parameter counts equal the reference's); Detectron2's ``mask_rcnn_loss`` and
 ``mask_rcnn_inference`` do the rest, unchanged, through ``BaseMaskRCNNHead``.
 """
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -149,9 +150,10 @@ class DeepMaskHead(BaseMaskRCNNHead):
     def layers(self, x):
         # A lone training ROI: BatchNorm cannot take batch statistics from the one
         # value per channel at an hourglass's 1x1 bottleneck (crop 32, 5 levels).
-        # The reference never meets this, as it pads every image to 100 boxes. Two
-        # copies of the ROI give the same statistics, so the same output, without the error.
+        # The reference never meets this: it pads every image to 100 boxes, and the
+        # padding goes through the head. We pad with the ROI's mirror image (an exact
+        # copy would do for the statistics, but its gradients cancel at that BatchNorm).
         if self.training and x.shape[0] == 1:
-            return self.layers(x.expand(2, -1, -1, -1))[:1]
+            return self.layers(torch.cat([x, x.flip(-1)]))[:1]
         x = self.deconv_norm(self.deconv(self.convnet(x)))
         return self.predictor(F.relu(x))

@@ -9,9 +9,10 @@
    mask head that learns from ground-truth boxes and from the 7 SEEN classes' masks
    only (boxes and classes come from all 14);
 3. evaluates COCO AP on the val split: mask AP on the 7 NOVEL classes (never a mask in
-   training), on the seen ones, and box AP;
+   training), on the seen ones, and box AP; and the mask head alone: mean mask IoU with
+   the ground-truth boxes given, next to the IoU of a mask that fills its box;
 4. evaluates the same detector again with the mask head put back to its weights at
-   iteration 0: the floor that the novel-class mask AP has to clear to mean anything;
+   iteration 0: the floor that the novel-class numbers have to clear to mean anything;
 5. draws novel-class instances of val images: ground truth, the trained head's mask
    and the untrained head's mask, both at the ground-truth box (the mask head alone);
 6. prints a summary table and writes it to <output>/summary.json.
@@ -32,10 +33,12 @@ import copy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pycocotools.mask  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
@@ -52,20 +55,30 @@ from deepmac_d2.data.synthetic import (  # noqa: E402
     register_synthetic,
 )
 from deepmac_d2.engine import Trainer, setup  # noqa: E402
+from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
 # What stays on the terminal (everything goes to <output>/log.txt): progress with ETA
 # from training and inference, the training speed, and any warning.
-TERMINAL_LOGGERS = ("detectron2.utils.events", "detectron2.engine.hooks", "detectron2.evaluation.evaluator")
+TERMINAL_LOGGERS = (
+    "detectron2.utils.events", "detectron2.engine.hooks", "detectron2.evaluation.evaluator",
+)
 COLUMNS = ("ground truth (novel classes)", "trained head, GT box", "untrained head, GT box")
+# Instance colours of the pictures (the Visualizer's random ones are often pale).
+PALETTE = [tuple(c / 255 for c in rgb) for rgb in
+           [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
     p.add_argument("--output-dir", help="default: the config's OUTPUT_DIR")
-    p.add_argument("--data-root", default=default_root(), help="synthetic data folder (default: %(default)s)")
+    p.add_argument(
+        "--data-root", default=default_root(), help="synthetic data folder (default: %(default)s)"
+    )
     p.add_argument("--num-train", type=int, default=600, help="synthetic train images")
     p.add_argument("--num-val", type=int, default=150, help="synthetic val images")
     p.add_argument("--pictures", type=int, default=6, help="val images to draw")
@@ -84,13 +97,18 @@ def quiet_setup(args):
     """
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
-        cfg = setup(argparse.Namespace(config_file=args.config_file, opts=args.opts, accelerator=None))
-    keep = lambda r: r.levelno >= logging.WARNING or r.name.startswith(TERMINAL_LOGGERS)  # noqa: E731
+        cfg = setup(
+            argparse.Namespace(config_file=args.config_file, opts=args.opts, accelerator=None)
+        )
     for h in logging.getLogger("detectron2").handlers:
         if getattr(h, "stream", None) is sink:
             h.setStream(sys.stdout)
-            h.addFilter(keep)
+            h.addFilter(_on_terminal)
     return cfg
+
+
+def _on_terminal(record):
+    return record.levelno >= logging.WARNING or record.name.startswith(TERMINAL_LOGGERS)
 
 
 def prepare_data(args):
@@ -108,6 +126,28 @@ def evaluate(cfg, model, folder):
     return Trainer.test(cfg, model, evaluators=[evaluator])
 
 
+def head_iou(cfg, model):
+    """Mean mask IoU per class subset with the ground-truth boxes given: the mask head alone."""
+    name = cfg.DATASETS.TEST[0]
+    meta = MetadataCatalog.get(name)
+    subsets = {"novel": meta.novel_class_ids, "seen": meta.seen_class_ids}
+    return given_box_mask_iou(cfg, model, name, class_subsets=subsets)["per_subset"]
+
+
+def filled_box_iou(cfg):
+    """The IoU a mask filling its ground-truth box would get, per subset: what a head that
+    learnt nothing about shape scores. IoU(box, mask) = mask area / box area."""
+    meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    novel = {meta.thing_dataset_id_to_contiguous_id[c] for c in meta.novel_class_ids}
+    ratios = {"novel": [], "seen": []}
+    for d in DatasetCatalog.get(cfg.DATASETS.TEST[0]):
+        for a in d["annotations"]:
+            w, h = a["bbox"][2:]  # XYWH, as the generator writes them
+            area = float(pycocotools.mask.area(a["segmentation"]))
+            ratios["novel" if a["category_id"] in novel else "seen"].append(area / (w * h))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in ratios.items()}
+
+
 def novel_images(dataset, metadata, count):
     """The first ``count`` images with a novel-class instance, keeping those instances only."""
     # Loaded records carry contiguous class ids; NOVEL_CLASSES are dataset ids.
@@ -122,22 +162,24 @@ def novel_images(dataset, metadata, count):
     return picked
 
 
+def gt_boxes(record):
+    return [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in record["annotations"]]
+
+
 def draw_row(image_rgb, record, metadata, masks_by_head, scale=3):
     """One picture per column of ``COLUMNS``, side by side; one colour per instance."""
-    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]]
-    colours = [c / 255 for c in _colour_cycle(len(boxes))]
+    boxes = gt_boxes(record)
+    colours = [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
     labels = [metadata.thing_classes[a["category_id"]] for a in record["annotations"]]
     panels = []
     for masks in [[a["segmentation"] for a in record["annotations"]]] + masks_by_head:
         vis = Visualizer(image_rgb, metadata, scale=scale)
-        out = vis.overlay_instances(boxes=boxes, masks=masks, labels=labels, assigned_colors=colours)
+        out = vis.overlay_instances(
+            boxes=boxes, masks=masks, labels=labels, assigned_colors=colours
+        )
         panels.append(out.get_image())
     return np.hstack(panels)
-
-
-def _colour_cycle(n):
-    base = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)])
-    return [base[i % len(base)] for i in range(n)]
 
 
 def with_titles(grid, width):
@@ -150,7 +192,10 @@ def with_titles(grid, width):
 
 
 def draw_pictures(cfg, model, heads, count):
-    """Write <output>/pictures/<image>.png and the grid <output>/novel_masks.png; return the paths."""
+    """Write <output>/pictures/<image>.png and their grid <output>/novel_masks.png.
+
+    ``heads`` are the mask-head state dicts of the 2nd and 3rd columns. Returns the paths.
+    """
     name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(name)
     predictor = BoxMaskPredictor(cfg, model=model)
@@ -159,14 +204,15 @@ def draw_pictures(cfg, model, heads, count):
     rows, paths = [], []
     for record in novel_images(DatasetCatalog.get(name), metadata, count):
         image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]]
+        boxes = gt_boxes(record)
         masks_by_head = []
         for state in heads:
             model.roi_heads.mask_head.load_state_dict(state)
             masks_by_head.append(list(predictor(image, boxes).masks))
         rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
         row = draw_row(rgb, record, metadata, masks_by_head)
-        path = os.path.join(folder, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = os.path.join(folder, stem + ".png")
         Image.fromarray(with_titles(row, row.shape[1] // len(COLUMNS))).save(path)
         rows.append(row)
         paths.append(path)
@@ -184,8 +230,8 @@ def metric(results, key, name="AP"):
     return results.get(key, {}).get(name, float("nan"))
 
 
-def summarize(trained, untrained, seconds, cfg):
-    """The numbers the demo is about, in %, with how they were obtained."""
+def summarize(trained, untrained, ious, seconds, cfg):
+    """The numbers the demo is about (AP in %, IoU in [0, 1]), with how they were obtained."""
     return {
         "novel_mask_AP": metric(trained, "segm/novel"),
         "seen_mask_AP": metric(trained, "segm/seen"),
@@ -194,6 +240,12 @@ def summarize(trained, untrained, seconds, cfg):
         "untrained_head_seen_mask_AP": metric(untrained, "segm/seen"),
         "novel_mask_AP50": metric(trained, "segm/novel", "AP50"),
         "untrained_head_novel_mask_AP50": metric(untrained, "segm/novel", "AP50"),
+        "novel_gt_box_mask_IoU": ious["trained"]["novel"],
+        "seen_gt_box_mask_IoU": ious["trained"]["seen"],
+        "untrained_head_novel_gt_box_mask_IoU": ious["untrained"]["novel"],
+        "untrained_head_seen_gt_box_mask_IoU": ious["untrained"]["seen"],
+        "filled_box_novel_IoU": ious["filled_box"]["novel"],
+        "filled_box_seen_IoU": ious["filled_box"]["seen"],
         "train_and_eval_seconds": round(seconds["train"], 1),
         "untrained_head_eval_seconds": round(seconds["baseline"], 1),
         "iterations": cfg.SOLVER.MAX_ITER,
@@ -205,15 +257,21 @@ def summarize(trained, untrained, seconds, cfg):
 
 
 def print_table(s):
+    """The summary as a table: each number next to its untrained-head baseline."""
     rows = [
-        ("mask AP, novel classes (no masks in training)", s["novel_mask_AP"], s["untrained_head_novel_mask_AP"]),
-        ("mask AP, seen classes", s["seen_mask_AP"], s["untrained_head_seen_mask_AP"]),
-        ("mask AP50, novel classes", s["novel_mask_AP50"], s["untrained_head_novel_mask_AP50"]),
-        ("box AP, all classes (same detector)", s["box_AP"], s["box_AP"]),
+        ("mask AP, novel classes (no masks in training)", "novel_mask_AP", 1),
+        ("mask AP, seen classes", "seen_mask_AP", 1),
+        ("mask AP50, novel classes", "novel_mask_AP50", 1),
+        ("mask IoU at GT boxes, novel classes", "novel_gt_box_mask_IoU", 3),
+        ("mask IoU at GT boxes, seen classes", "seen_gt_box_mask_IoU", 3),
     ]
-    print(f"\n{'':47s} {'trained head':>13s} {'untrained head':>15s}")
-    for name, a, b in rows:
-        print(f"{name:47s} {a:13.1f} {b:15.1f}")
+    print(f"\n{'':46s} {'trained head':>13s} {'untrained head':>15s}")
+    for name, key, digits in rows:
+        print(f"{name:46s} {s[key]:13.{digits}f} {s['untrained_head_' + key]:15.{digits}f}")
+    box = "box AP, all classes (the same detector)"
+    print(f"{box:46s} {s['box_AP']:13.1f} {s['box_AP']:15.1f}")
+    print(f"(a mask filling its GT box has IoU {s['filled_box_novel_IoU']:.3f} on novel, "
+          f"{s['filled_box_seen_IoU']:.3f} on seen instances)")
 
 
 def main(argv=None):
@@ -233,24 +291,31 @@ def main(argv=None):
     trained = trainer._last_eval_results
     seconds = {"train": time.perf_counter() - start}
     trained_head = copy.deepcopy(model.roi_heads.mask_head.state_dict())
+    ious = {"trained": head_iou(cfg, model), "filled_box": filled_box_iou(cfg)}
 
     print("[demo] the same detector with the mask head at iteration 0:", flush=True)
     model.roi_heads.mask_head.load_state_dict(initial_head)
     start = time.perf_counter()
     untrained = evaluate(cfg, model, "inference_untrained_head")
+    ious["untrained"] = head_iou(cfg, model)
     seconds["baseline"] = time.perf_counter() - start
 
     pictures = draw_pictures(cfg, model, [trained_head, initial_head], args.pictures)
     model.roi_heads.mask_head.load_state_dict(trained_head)
-    summary = summarize(trained, untrained, seconds, cfg)
+    summary = summarize(trained, untrained, ious, seconds, cfg)
     summary["pictures"] = pictures
     path = os.path.join(cfg.OUTPUT_DIR, "summary.json")
     with open(path, "w") as f:
         # NaN (AP with no predictions at all) is not JSON: null.
-        json.dump({k: None if v != v else v for k, v in summary.items()}, f, indent=2)
+        json.dump({k: None if _is_nan(v) else v for k, v in summary.items()}, f, indent=2)
     print_table(summary)
-    print(f"\ntrain + eval {seconds['train']:.0f} s, untrained-head eval {seconds['baseline']:.0f} s; "
-          f"summary: {path}; pictures: {pictures[-1] if pictures else 'none'}")
+    print(f"\ntrain + eval {seconds['train']:.0f} s, untrained-head eval "
+          f"{seconds['baseline']:.0f} s; summary: {path}")
+    print(f"pictures: {pictures[-1] if pictures else 'none'}")
+
+
+def _is_nan(v):
+    return isinstance(v, float) and math.isnan(v)
 
 
 if __name__ == "__main__":

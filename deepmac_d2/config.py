@@ -39,5 +39,8 @@ def add_deepmac_config(cfg):
     cfg.DEEPMAC = CN()
     # Where to train: "auto" (CUDA if present, else CPU), "cuda", "cpu" or "xla" (TPU via torch-xla).
     cfg.DEEPMAC.ACCELERATOR = "auto"
+    # Iterations between progress lines (losses, lr, ETA) and metrics.json rows;
+    # Detectron2 hard-codes 20.
+    cfg.DEEPMAC.LOG_PERIOD = 20
     # bf16 autocast on XLA, as the reference trains in bf16 on TPU.
     cfg.DEEPMAC.XLA_BF16 = True

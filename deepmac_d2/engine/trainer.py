@@ -5,7 +5,7 @@ import os
 import weakref
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 
 from ..config import add_deepmac_config
 from ..data import check_dataset_files
@@ -36,6 +36,25 @@ class Trainer(DefaultTrainer):
             self._hooks = []
             self.register_hooks(self.build_hooks())
 
+    if "state_dict" not in DefaultTrainer.__dict__:
+        # Detectron2 v0.6's DefaultTrainer checkpoints no optimizer (later versions
+        # do): a resumed run would lose its momentum and run its first iteration at
+        # the warmup's starting LR, since the scheduler only sets the LR after a step.
+        def state_dict(self):
+            return dict(super().state_dict(), _trainer=self._trainer.state_dict())
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        for hook in ret:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = self.cfg.DEEPMAC.LOG_PERIOD  # Detectron2 offers no setting for it
+        return ret
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -46,8 +65,10 @@ def _merge_with_hint(merge, what, keys_of):
     """Run a CfgNode merge; on an unknown key, say which known keys are closest."""
     try:
         merge()
-    except KeyError as e:
+    except (KeyError, AssertionError) as e:  # yacs: KeyError from files, assert from lists
         msg = str(e.args[0]) if e.args else str(e)
+        if "Non-existent" not in msg:
+            raise
         bad = msg.rsplit(":", 1)[-1].strip()
         close = difflib.get_close_matches(bad, keys_of(), n=3, cutoff=0.75)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""

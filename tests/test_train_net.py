@@ -4,6 +4,7 @@ Runs train_net.py as a user does (a subprocess) on a tiny generated dataset.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,3 +138,35 @@ def test_accelerator_choice():
     assert resolve_accelerator("auto") in ("cpu", "cuda", "xla")
     with pytest.raises(ValueError, match="DEEPMAC.ACCELERATOR.*auto, cuda, cpu, xla"):
         resolve_accelerator("tpu")
+
+
+def copy_of_data(data_env, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(data_env["DEEPMAC_SYNTHETIC_ROOT"], root)
+    with open(os.path.join(root, "annotations", "train.json")) as f:
+        coco = json.load(f)
+    return root, coco, dict(data_env, DEEPMAC_SYNTHETIC_ROOT=root)
+
+
+def test_corrupt_image_is_named(tmp_path, data_env):
+    root, coco, env = copy_of_data(data_env, tmp_path)
+    bad = os.path.join(root, "train", coco["images"][0]["file_name"])
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    opts = tiny_opts(str(tmp_path / "out"), 2, 100) + ["SOLVER.IMS_PER_BATCH", "4"]
+    proc = train_net(opts, env, tmp_path / "log")
+    log = finish(proc, tmp_path / "log", timeout=300)
+    assert proc.returncode != 0 and bad in log
+
+
+def test_annotation_with_empty_segmentation_is_skipped_with_a_warning(tmp_path, data_env):
+    root, coco, env = copy_of_data(data_env, tmp_path)
+    coco["annotations"][0]["segmentation"] = []
+    with open(os.path.join(root, "annotations", "train.json"), "w") as f:
+        json.dump(coco, f)
+    image = next(i for i in coco["images"] if i["id"] == coco["annotations"][0]["image_id"])
+    opts = tiny_opts(str(tmp_path / "out"), 2, 100) + ["SOLVER.IMS_PER_BATCH", "4"]
+    proc = train_net(opts, env, tmp_path / "log")
+    log = finish(proc, tmp_path / "log", timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"{image['file_name']}: skipped 1 annotation(s) of category " in log

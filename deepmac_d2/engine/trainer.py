@@ -5,10 +5,11 @@ import os
 import weakref
 
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 
 from ..config import add_deepmac_config
-from ..data import check_dataset_files
+from ..data import InstanceMaskDatasetMapper, check_dataset_files
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
 
@@ -54,6 +55,10 @@ class Trainer(DefaultTrainer):
             if isinstance(hook, hooks.PeriodicWriter):
                 hook._period = self.cfg.DEEPMAC.LOG_PERIOD  # Detectron2 offers no setting for it
         return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=InstanceMaskDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

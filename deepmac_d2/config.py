@@ -31,6 +31,13 @@ def add_deepmac_config(cfg):
     # TF: task.allowed_mask_class_ids (COCO ids).
     head.ALLOWED_CLASS_IDS = []
 
+    # The reference's training resize: fit INPUT.FIXED_SIZE x FIXED_SIZE times a random
+    # factor in SCALE_JITTER = (min, max), then crop/pad to that square (Detectron2's
+    # ResizeScale + FixedSizeCrop). Empty = Detectron2's ResizeShortestEdge (MIN_SIZE_TRAIN).
+    # TF: parser.aug_scale_min / aug_scale_max, output_size.
+    cfg.INPUT.SCALE_JITTER = ()
+    cfg.INPUT.FIXED_SIZE = 1024
+
     # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.

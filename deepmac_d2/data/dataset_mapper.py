@@ -1,4 +1,10 @@
-"""Detectron2's DatasetMapper, made to skip instances that lost their mask.
+"""Detectron2's DatasetMapper with the reference's scale jitter, made to skip
+instances that lost their mask.
+
+The reference scales each image to fit a square (1024) times a random factor
+in [0.8, 1.25], then crops or pads it to that square. Detectron2 has both
+transforms (ResizeScale, FixedSizeCrop) but its yaml path builds only
+ResizeShortestEdge; ``INPUT.SCALE_JITTER`` switches to them.
 
 Detectron2's ``load_coco_json`` drops an annotation whose polygons are all
 invalid, but keeps one whose ``segmentation`` is empty (``[]``) without the
@@ -9,12 +15,29 @@ Skipping it with a warning is what Detectron2 does for the invalid polygons.
 import logging
 
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 
 logger = logging.getLogger(__name__)
 
 
 class InstanceMaskDatasetMapper(DatasetMapper):
-    """A DatasetMapper that drops (with a warning) annotations without a segmentation."""
+    """A DatasetMapper that drops (with a warning) annotations without a segmentation,
+    and trains with the reference's scale jitter when ``INPUT.SCALE_JITTER`` is set."""
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        ret = super().from_config(cfg, is_train)
+        if is_train and cfg.INPUT.SCALE_JITTER:
+            lo, hi = cfg.INPUT.SCALE_JITTER
+            size = cfg.INPUT.FIXED_SIZE
+            augs = [T.ResizeScale(lo, hi, size, size), T.FixedSizeCrop((size, size))]
+            flip = cfg.INPUT.RANDOM_FLIP
+            if flip != "none":
+                augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
+            ret["augmentations"] = augs
+            # A crop cuts instances: take their boxes from the cropped masks.
+            ret["recompute_boxes"] = cfg.MODEL.MASK_ON
+        return ret
 
     def __call__(self, dataset_dict):
         annos = dataset_dict.get("annotations")

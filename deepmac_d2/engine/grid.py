@@ -1,0 +1,158 @@
+"""A resumable grid of training runs, and the mean and spread of their results over seeds.
+
+Each run is a separate process with its own output folder: a run's timing and results
+then do not depend on what ran before it in the same process (allocator and thread-pool
+state, caches warmed by an earlier model, a previous run's logging handlers), and an
+interrupted grid leaves every finished run on disk. A run's folder holds ``spec.json``
+(what it was asked to do) and, once finished, ``result.json``; a re-run of the grid
+reuses a result whose spec is unchanged and redoes everything else.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["GridRun", "RESULT_FILE", "SPEC_FILE", "WORKER_FILE", "aggregate", "json_safe",
+           "mean_std", "run_grid", "write_json"]
+
+SPEC_FILE = "spec.json"
+RESULT_FILE = "result.json"
+# What the worker writes: its numbers; the runner adds the spec and the wall time.
+WORKER_FILE = "worker_result.json"
+CONSOLE_FILE = "console.txt"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One cell of the grid: ``name`` is its subfolder; ``spec`` (JSON-able) is what
+    the worker needs, and what decides whether a stored result still applies."""
+
+    name: str
+    spec: Mapping
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None: JSON has no NaN (Detectron2 reports NaN
+    AP when there is nothing to evaluate), and strict parsers reject Python's ``NaN``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    """Write atomically: a grid killed mid-write leaves no half-written result to reuse."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(json_safe(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _stored_result(folder, spec):
+    path = os.path.join(folder, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    # Compare on the JSON form: tuples come back as lists.
+    return result if result["spec"] == json.loads(json.dumps(spec)) else None
+
+
+def _minutes(seconds):
+    return f"{seconds / 60:.1f} min"
+
+
+def run_grid(
+    runs: Sequence[GridRun],
+    root: str,
+    worker_command: Callable[[str], List[str]],
+    env: Optional[Mapping[str, str]] = None,
+    describe: Callable[[Dict], str] = lambda result: "",
+    log: Callable[[str], None] = print,
+) -> List[Dict]:
+    """Run (or reuse) every run in order; return their results, in the same order.
+
+    ``worker_command(folder)`` is the command line of one run: it reads
+    ``<folder>/spec.json`` and writes its numbers to ``<folder>/worker_result.json``;
+    its output goes to ``<folder>/console.txt``. A result is ``{"spec", "wall_seconds",
+    "metrics"}``. After each run, one progress line: what finished, ``describe(result)``,
+    and the time left at the mean wall time of the runs finished so far (reused ones
+    included, since their times are as good an estimate).
+    """
+    results, walls, start = [], [], time.perf_counter()
+    for index, run in enumerate(runs, 1):
+        folder = os.path.join(root, run.name)
+        head = f"[grid {index}/{len(runs)}] {run.name}"
+        result = _stored_result(folder, run.spec)
+        if result is not None:
+            log(f"{head}: reused ({_minutes(result['wall_seconds'])} when it ran) "
+                f"{describe(result)}")
+        else:
+            # A folder without a matching result is an interrupted or outdated run: restart
+            # it clean (Detectron2 appends to metrics.json and would mix the two).
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            write_json(os.path.join(folder, SPEC_FILE), run.spec)
+            log(f"{head}: running (log: {os.path.join(folder, CONSOLE_FILE)})")
+            began = time.perf_counter()
+            with open(os.path.join(folder, CONSOLE_FILE), "w") as console:
+                proc = subprocess.run(worker_command(folder), stdout=console,
+                                      stderr=subprocess.STDOUT, env=env)
+            if proc.returncode != 0:
+                with open(os.path.join(folder, CONSOLE_FILE)) as f:
+                    tail = f.read()[-3000:]
+                raise RuntimeError(f"{head} failed (exit {proc.returncode}):\n{tail}")
+            with open(os.path.join(folder, WORKER_FILE)) as f:
+                metrics = json.load(f)
+            result = {"spec": json.loads(json.dumps(run.spec)),
+                      "wall_seconds": time.perf_counter() - began, "metrics": metrics}
+            write_json(os.path.join(folder, RESULT_FILE), result)
+            log(f"{head}: done in {_minutes(result['wall_seconds'])} {describe(result)}")
+        results.append(result)
+        walls.append(result["wall_seconds"])
+        left = len(runs) - index
+        log(f"[grid] {index}/{len(runs)} finished, {_minutes(time.perf_counter() - start)} "
+            f"elapsed; ETA {_minutes(left * float(np.mean(walls)))} for {left} more")
+    return results
+
+
+def mean_std(values: Sequence[float]):
+    """Mean and sample standard deviation (n - 1) of one metric over seeds.
+
+    A NaN value (a run with nothing to evaluate) makes both NaN rather than being
+    skipped: a mean over the other seeds would hide that a run failed. The std of a
+    single value is NaN: one seed says nothing about the spread.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean()) if v.size else float("nan")
+    std = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return mean, std
+
+
+def aggregate(rows: Sequence[Mapping], keys: Sequence[str], metrics: Sequence[str]) -> List[Dict]:
+    """Group ``rows`` by the values of ``keys`` (first-seen order) and reduce each metric.
+
+    Returns one dict per group: the key values, ``"seeds"`` (rows in the group) and, per
+    metric, ``{"mean": ..., "std": ..., "values": [...]}``.
+    """
+    groups: Dict[tuple, List[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for key, members in groups.items():
+        entry = dict(zip(keys, key), seeds=len(members))
+        for m in metrics:
+            values = [float("nan") if r[m] is None else float(r[m]) for r in members]
+            mean, std = mean_std(values)
+            entry[m] = {"mean": mean, "std": std, "values": values}
+        out.append(entry)
+    return out

@@ -68,8 +68,7 @@ from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
 from deepmac_d2.modeling import CONVNET_VARIANTS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))  # tools/ holds scripts, not a package
-from demo import metric, quiet_setup  # noqa: E402  (the demo's run set-up and result reading)
+from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
 # Half the demo config's 1000 iterations (its cosine LR decays over them), so that the

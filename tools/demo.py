@@ -28,11 +28,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import copy  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -54,16 +51,12 @@ from deepmac_d2.data.synthetic import (  # noqa: E402
     prepare_synthetic,
     register_synthetic,
 )
-from deepmac_d2.engine import Trainer, setup  # noqa: E402
+from deepmac_d2.engine import Trainer  # noqa: E402
+from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
 from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
-# What stays on the terminal (everything goes to <output>/log.txt): progress with ETA
-# from training and inference, the training speed, and any warning.
-TERMINAL_LOGGERS = (
-    "detectron2.utils.events", "detectron2.engine.hooks", "detectron2.evaluation.evaluator",
-)
 COLUMNS = ("ground truth (novel classes)", "trained head, GT box", "untrained head, GT box")
 # Instance colours of the pictures (the Visualizer's random ones are often pale).
 PALETTE = [tuple(c / 255 for c in rgb) for rgb in
@@ -87,28 +80,6 @@ def parse_args(argv=None):
     if args.output_dir:
         args.opts += ["OUTPUT_DIR", args.output_dir]
     return args
-
-
-def quiet_setup(args):
-    """``setup`` with Detectron2's environment, config and model dumps kept in log.txt only.
-
-    Its terminal handler is created inside ``setup`` (bound to the stdout of the
-    moment, here a sink); it is then pointed back at the terminal with a filter.
-    """
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
-        cfg = setup(
-            argparse.Namespace(config_file=args.config_file, opts=args.opts, accelerator=None)
-        )
-    for h in logging.getLogger("detectron2").handlers:
-        if getattr(h, "stream", None) is sink:
-            h.setStream(sys.stdout)
-            h.addFilter(_on_terminal)
-    return cfg
-
-
-def _on_terminal(record):
-    return record.levelno >= logging.WARNING or record.name.startswith(TERMINAL_LOGGERS)
 
 
 def prepare_data(args):
@@ -223,11 +194,6 @@ def draw_pictures(cfg, model, heads, count):
         Image.fromarray(grid).quantize(256).save(path)
         paths.append(path)
     return paths
-
-
-def metric(results, key, name="AP"):
-    """``results[key][name]``; NaN where the evaluator had no prediction to report it for."""
-    return results.get(key, {}).get(name, float("nan"))
 
 
 def summarize(trained, untrained, ious, seconds, cfg):

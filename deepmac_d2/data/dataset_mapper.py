@@ -30,11 +30,9 @@ class InstanceMaskDatasetMapper(DatasetMapper):
         if is_train and cfg.INPUT.SCALE_JITTER:
             lo, hi = cfg.INPUT.SCALE_JITTER
             size = cfg.INPUT.FIXED_SIZE
-            augs = [T.ResizeScale(lo, hi, size, size), T.FixedSizeCrop((size, size))]
-            flip = cfg.INPUT.RANDOM_FLIP
-            if flip != "none":
-                augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
-            ret["augmentations"] = augs
+            # Detectron2's augmentations, with ResizeShortestEdge swapped out (its flip stays).
+            flips = [a for a in ret["augmentations"] if isinstance(a, T.RandomFlip)]
+            ret["augmentations"] = [T.ResizeScale(lo, hi, size, size), T.FixedSizeCrop((size, size))] + flips
             # A crop cuts instances: take their boxes from the cropped masks.
             ret["recompute_boxes"] = cfg.MODEL.MASK_ON
         return ret

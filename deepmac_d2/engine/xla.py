@@ -36,21 +36,14 @@ def _roi_align_fp32(input, rois, spatial_scale, pooled_height, pooled_width, sam
     return out.to(input.dtype)
 
 
-def register_autocast_ops():
-    """Run torchvision's NMS and RoIAlign in fp32 under XLA autocast.
-
-    torchvision registers these casts for CUDA and CPU autocast only; under XLA's
-    bf16 autocast Detectron2 would hand them mixed bf16/fp32 inputs and fail.
-    """
-    if not getattr(register_autocast_ops, "done", False):
-        _FP32_OPS.impl("nms", _nms_fp32, "AutocastXLA")
-        _FP32_OPS.impl("roi_align", _roi_align_fp32, "AutocastXLA")
-        register_autocast_ops.done = True
+# torchvision registers fp32 casts of NMS and RoIAlign for CUDA and CPU autocast only;
+# under XLA's bf16 autocast Detectron2 would hand them mixed bf16/fp32 inputs and fail.
+_FP32_OPS.impl("nms", _nms_fp32, "AutocastXLA")
+_FP32_OPS.impl("roi_align", _roi_align_fp32, "AutocastXLA")
 
 
 def init_xla_process():
     """Join this process's XLA device to the job; return the device name for MODEL.DEVICE."""
-    register_autocast_ops()
     if xr.world_size() > 1 and not dist.is_initialized():
         from torch_xla.distributed import xla_backend  # noqa: F401  (registers the "xla" backend)
 

@@ -56,6 +56,7 @@ from deepmac_d2.data.synthetic import (  # noqa: E402
     register_synthetic,
 )
 from deepmac_d2.engine import ACCELERATORS, Trainer, load_config  # noqa: E402
+from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
 from deepmac_d2.engine.grid import (  # noqa: E402
     SPEC_FILE,
     WORKER_FILE,
@@ -68,11 +69,10 @@ from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
 from deepmac_d2.modeling import CONVNET_VARIANTS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
-# Half the demo config's 1000 iterations (its cosine LR decays over them), so that the
-# default grid (9 runs) fits in 90 minutes on 2 CPU cores. Timed with 100-iteration runs
+# Half the demo config's 1000 iterations (its LR steps move with them, see
+# scaled_schedule), so that the default grid (9 runs) fits in 90 minutes on 2 CPU cores. Timed with 100-iteration runs
 # on proposals while two other trainings shared the cores: 1.40 s/iteration for the stock
 # head, 1.91 for hourglass52, ~40 s per run besides training; the demo's 1000 hourglass20
 # iterations take 0.75 s each with the cores to itself. At ~0.7 s/iteration that is
@@ -165,6 +165,15 @@ def class_split(cfg):
             "novel": {"subset": disjoint[0][0], "ids": disjoint[0][1]}}
 
 
+def scaled_schedule(solver, max_iter):
+    """SOLVER overrides for a run of ``max_iter`` iterations: the LR steps at the same
+    fractions of the run as in the config (keeping them would leave a shortened run at
+    the peak LR to its end). The warmup keeps its length: it is what keeps training
+    from scratch stable, whatever the run's length."""
+    steps = tuple(round(s * max_iter / solver.MAX_ITER) for s in solver.STEPS)
+    return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps)]
+
+
 def grid_runs(args, data=None):
     """The runs in order (head by head, so the table fills in as the grid goes), and the split.
 
@@ -177,7 +186,7 @@ def grid_runs(args, data=None):
     split = class_split(base)
     fixed = ["MODEL.ROI_HEADS.NAME", "DeepMaskROIHeads"]  # the ROI heads with both switches
     if args.max_iter is not None:
-        fixed += ["SOLVER.MAX_ITER", str(args.max_iter)]
+        fixed += scaled_schedule(base.SOLVER, args.max_iter)
     if args.device:
         fixed += ["DEEPMAC.ACCELERATOR", args.device]
     cells = [(h, m, MODES[m]) for h in args.heads for m in MODES]

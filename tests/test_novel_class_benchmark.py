@@ -121,6 +121,18 @@ def test_grid_for_a_coco_config():
         assert cfg["SOLVER"]["MAX_ITER"] == 70000 and cfg["SOLVER"]["IMS_PER_BATCH"] == 16
 
 
+def test_shortened_runs_keep_the_configs_lr_schedule_shape():
+    """The default grid runs 500 of the demo config's 1000 iterations: its LR steps at
+    750 and 900 move to 375 and 450 (left in place, the LR would never decay)."""
+    script = runpy.run_path(SCRIPT, run_name="novel_class_generalization")
+    args = script["parse_args"]([])
+    assert args.max_iter == 500
+    runs, _ = script["grid_runs"](args)
+    for run in runs:
+        solver = yaml.safe_load(run.spec["config"])["SOLVER"]
+        assert (solver["MAX_ITER"], solver["STEPS"], solver["WARMUP_ITERS"]) == (500, [375, 450], 100)
+
+
 def test_mean_and_std_over_seeds_by_hand():
     # AP 10, 12, 17: mean 13; sample variance ((-3)^2 + (-1)^2 + 4^2) / (3 - 1) = 13.
     assert mean_std([10.0, 12.0, 17.0]) == pytest.approx((13.0, math.sqrt(13.0)))

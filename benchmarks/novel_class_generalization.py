@@ -255,41 +255,57 @@ def fmt(entry, key, digits):
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
-def table(summary, seeds):
-    """The markdown table: one row per (head, mask training), mean ± std over seeds."""
+def table(summary, seeds, failures=None):
+    """The markdown table: one row per (head, mask training), mean ± std over seeds;
+    then the runs that failed (``{run name: why}``), whose cells read n/a."""
     names = ["mask head", "mask-head params", "mask training"] + [c[0] for c in COLUMNS]
     lines = ["| " + " | ".join(names + ["wall min"]) + " |", "|" + "---|" * (len(names) + 1)]
     for e in summary:
         head = "Detectron2 stock" if e["head"] == STOCK else e["head"]
-        cells = [head, f"{int(e['mask_head_params']['mean']):,}", MODE_LABELS[e["mode"]]]
+        params = e["mask_head_params"]["mean"]
+        cells = [head, "n/a" if math.isnan(params) else f"{int(params):,}", MODE_LABELS[e["mode"]]]
         cells += [fmt(e, key, digits) for _, key, digits in COLUMNS]
         cells.append(f"{e['wall_seconds']['mean'] / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"Mean ± sample std over {seeds} seeds. " if seeds > 1 else "One seed. ")
-    return "\n".join(lines) + "\n\n" + note + (
+    text = "\n".join(lines) + "\n\n" + note + (
         "COCO AP in % on the config's first test set; IoU@GT: mean mask IoU per instance "
         "with the ground-truth boxes given to the mask head; wall: a run's whole time.\n")
+    if failures:
+        text += "\nFailed runs (n/a above):\n" + "".join(
+            f"- `{name}`: {why}\n" for name, why in failures.items())
+    return text
+
+
+# The plot's panels: novel-class mask AP (the paper's measure) and novel-class IoU with
+# GT boxes given (the head alone, without the detector's misses and scores).
+PLOT_PANELS = (("novel_mask_AP", "mask AP on novel classes (%)"),
+               ("novel_gt_box_mask_IoU", "mask IoU on novel classes, GT boxes given"))
 
 
 def plot(summary, heads, path):
-    """Novel-class mask AP per head, one bar per mask-training mode; the ceiling as a line."""
-    by_cell = {(e["head"], e["mode"]): e["novel_mask_AP"] for e in summary}
-    fig, ax = plt.subplots(figsize=(3 + 1.6 * len(heads), 4))
+    """Per panel: one bar per head and mask-training mode; the ceiling as a line."""
+    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(2 + 3.2 * len(heads), 4.2))
     x, width = np.arange(len(heads)), 0.38
-    for i, mode in enumerate(MODES):
-        means = [by_cell[h, mode]["mean"] for h in heads]
-        stds = [np.nan_to_num(by_cell[h, mode]["std"]) for h in heads]
-        ax.bar(x + (i - 0.5) * width, means, width, yerr=stds, capsize=3,
-               label=f"masks learnt on {MODE_LABELS[mode]}")
-    ceiling = by_cell[heads[-1], CEILING]["mean"]
-    if math.isfinite(ceiling):
-        ax.axhline(ceiling, color="k", linestyle="--",
-                   label=f"ceiling: {heads[-1]}, masks of all classes")
-    ax.set_xticks(x, ["Detectron2 stock" if h == STOCK else h for h in heads])
-    ax.set_ylabel("mask AP on novel classes (%)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Novel-class mask AP, masks of the seen classes only")
-    ax.legend(fontsize=8)
+    for ax, (key, ylabel) in zip(axes, PLOT_PANELS):
+        by_cell = {(e["head"], e["mode"]): e[key] for e in summary}
+        for i, mode in enumerate(MODES):
+            means = [by_cell[h, mode]["mean"] for h in heads]
+            stds = [np.nan_to_num(by_cell[h, mode]["std"]) for h in heads]
+            ax.bar(x + (i - 0.5) * width, means, width, yerr=stds, capsize=3,
+                   label=f"masks learnt on {MODE_LABELS[mode]}")
+            for xi, mean in zip(x + (i - 0.5) * width, means):
+                if math.isnan(mean):  # a failed run, or nothing to evaluate: no bar, say so
+                    ax.text(xi, 0, " n/a", rotation=90, ha="center", va="bottom", fontsize=8)
+        ceiling = by_cell[heads[-1], CEILING]["mean"]
+        if math.isfinite(ceiling):
+            ax.axhline(ceiling, color="k", linestyle="--",
+                       label=f"ceiling: {heads[-1]}, masks of all classes")
+        ax.set_xticks(x, ["Detectron2 stock" if h == STOCK else h for h in heads])
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Novel classes, masks of the seen classes only in training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -319,10 +335,12 @@ def main(argv=None):
         env=dict(os.environ, DEEPMAC_SYNTHETIC_ROOT=os.path.abspath(args.data_root)),
         describe=lambda r: f"(novel mask AP {_number(r['metrics']['novel_mask_AP']):.1f})",
     )
-    rows = [dict(r["metrics"], wall_seconds=r["wall_seconds"], head=r["spec"]["head"],
-                 mode=r["spec"]["mode"]) for r in results]
+    # A failed run's numbers are missing (NaN): its cell shows n/a, not the other seeds' mean.
+    rows = [dict(r["metrics"] or dict.fromkeys(METRICS), wall_seconds=r["wall_seconds"],
+                 head=r["spec"]["head"], mode=r["spec"]["mode"]) for r in results]
     summary = aggregate(rows, ("head", "mode"), METRICS)
-    text = table(summary, args.seeds)
+    failures = {run.name: r["failed"] for run, r in zip(runs, results) if r.get("failed")}
+    text = table(summary, args.seeds, failures)
     paths = {k: os.path.join(args.output_dir, f) for k, f in
              (("table", "results.md"), ("json", "results.json"), ("plot", "novel_mask_AP.png"))}
     with open(paths["table"], "w") as f:
@@ -333,12 +351,17 @@ def main(argv=None):
         "heads": args.heads, "ceiling_head": args.heads[-1], "class_split": split,
         "synthetic_data": data, "summary": summary,
         "runs": [dict(name=run.name, head=r["spec"]["head"], mode=r["spec"]["mode"],
-                      seed=r["spec"]["seed"], wall_seconds=r["wall_seconds"], **r["metrics"])
+                      seed=r["spec"]["seed"], wall_seconds=r["wall_seconds"],
+                      failed=r.get("failed"), **(r["metrics"] or {}))
                  for run, r in zip(runs, results)],
     })
     plot(summary, args.heads, paths["plot"])
     print("\n" + text)
     print(f"table: {paths['table']}\nevery number: {paths['json']}\nplot: {paths['plot']}")
+    if failures:
+        print(f"[grid] {len(failures)} run(s) failed: {', '.join(failures)} (their console.txt "
+              f"under {args.output_dir} has the whole error)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from PIL import Image
 
 from deepmac_d2.data.class_splits import NONVOC_CLASS_IDS, VOC_CLASS_IDS
 from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic
-from deepmac_d2.engine.grid import RESULT_FILE, aggregate, mean_std
+from deepmac_d2.engine.grid import RESULT_FILE, GridRun, aggregate, mean_std, run_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "novel_class_generalization.py")
@@ -150,3 +150,37 @@ def test_mean_and_std_over_seeds_by_hand():
     assert gt["ap"]["mean"] == pytest.approx(13.0) and gt["ap"]["std"] == pytest.approx(13.0 ** 0.5)
     # A seed with nothing to evaluate (null in results.json) is not averaged away.
     assert pr["seeds"] == 2 and math.isnan(pr["ap"]["mean"]) and math.isnan(pr["ap"]["std"])
+
+
+WORKER = """
+import json, os, sys
+folder = sys.argv[1]
+spec = json.load(open(os.path.join(folder, "spec.json")))
+if spec["diverge"]:
+    print("iter 230 ...")
+    raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+json.dump({"ap": spec["seed"]}, open(os.path.join(folder, "worker_result.json"), "w"))
+"""
+
+
+def test_a_failed_run_is_recorded_and_the_grid_goes_on(tmp_path):
+    script = runpy.run_path(SCRIPT, run_name="novel_class_generalization")
+    runs = [GridRun("bad", {"seed": 0, "diverge": True}), GridRun("good", {"seed": 7, "diverge": False})]
+    lines = []
+
+    def grid_once():
+        return run_grid(runs, str(tmp_path), lambda folder: [sys.executable, "-c", WORKER, folder],
+                        log=lines.append)
+
+    bad, good = grid_once()
+    why = "FloatingPointError: Predicted boxes or scores contain Inf/NaN. Training has diverged. (exit 1)"
+    assert bad["metrics"] is None and bad["failed"] == why
+    assert good["metrics"] == {"ap": 7} and "failed" not in good
+    assert any(line.startswith("[grid 1/2] bad: failed after") and why in line for line in lines)
+    # Reused on the next run (the same spec fails the same way), with how to retry it.
+    lines.clear()
+    assert grid_once()[0]["failed"] == why
+    assert f"delete {tmp_path / 'bad'} to retry it" in lines[0]
+
+    text = script["table"]([], 1, {"hourglass52-gt_boxes-seed0": why})
+    assert f"- `hourglass52-gt_boxes-seed0`: {why}" in text

@@ -5,7 +5,10 @@ then do not depend on what ran before it in the same process (allocator and thre
 state, caches warmed by an earlier model, a previous run's logging handlers), and an
 interrupted grid leaves every finished run on disk. A run's folder holds ``spec.json``
 (what it was asked to do) and, once finished, ``result.json``; a re-run of the grid
-reuses a result whose spec is unchanged and redoes everything else.
+reuses a result whose spec is unchanged and redoes everything else. A run that fails
+(a training that diverges, say) is recorded as failed and the grid goes on: one bad
+cell should not cost the hour of runs after it. Its failure is reused like any result,
+since the same spec fails the same way; delete its folder to try it again.
 """
 import json
 import math
@@ -71,6 +74,19 @@ def _minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
 
+def _failure(console_path, returncode):
+    """The last line a failed run printed (the exception, for a Python worker)."""
+    with open(console_path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return f"{lines[-1] if lines else 'no output'} (exit {returncode})"
+
+
+def _outcome(result, describe):
+    if result.get("failed"):
+        return f"FAILED: {result['failed']}"
+    return describe(result)
+
+
 def run_grid(
     runs: Sequence[GridRun],
     root: str,
@@ -84,7 +100,9 @@ def run_grid(
     ``worker_command(folder)`` is the command line of one run: it reads
     ``<folder>/spec.json`` and writes its numbers to ``<folder>/worker_result.json``;
     its output goes to ``<folder>/console.txt``. A result is ``{"spec", "wall_seconds",
-    "metrics"}``. After each run, one progress line: what finished, ``describe(result)``,
+    "metrics"}``, with ``metrics`` None and ``"failed"`` (the worker's last line and exit
+    status) if the worker failed. After each run, one progress line: what finished,
+    ``describe(result)`` or the failure,
     and the time left at the mean wall time of the runs finished so far (reused ones
     included, since their times are as good an estimate).
     """
@@ -94,8 +112,9 @@ def run_grid(
         head = f"[grid {index}/{len(runs)}] {run.name}"
         result = _stored_result(folder, run.spec)
         if result is not None:
+            retry = f"; delete {folder} to retry it" if result.get("failed") else ""
             log(f"{head}: reused ({_minutes(result['wall_seconds'])} when it ran) "
-                f"{describe(result)}")
+                f"{_outcome(result, describe)}{retry}")
         else:
             # A folder without a matching result is an interrupted or outdated run: restart
             # it clean (Detectron2 appends to metrics.json and would mix the two).
@@ -104,19 +123,21 @@ def run_grid(
             write_json(os.path.join(folder, SPEC_FILE), run.spec)
             log(f"{head}: running (log: {os.path.join(folder, CONSOLE_FILE)})")
             began = time.perf_counter()
-            with open(os.path.join(folder, CONSOLE_FILE), "w") as console:
+            console_path = os.path.join(folder, CONSOLE_FILE)
+            with open(console_path, "w") as console:
                 proc = subprocess.run(worker_command(folder), stdout=console,
                                       stderr=subprocess.STDOUT, env=env)
-            if proc.returncode != 0:
-                with open(os.path.join(folder, CONSOLE_FILE)) as f:
-                    tail = f.read()[-3000:]
-                raise RuntimeError(f"{head} failed (exit {proc.returncode}):\n{tail}")
-            with open(os.path.join(folder, WORKER_FILE)) as f:
-                metrics = json.load(f)
             result = {"spec": json.loads(json.dumps(run.spec)),
-                      "wall_seconds": time.perf_counter() - began, "metrics": metrics}
+                      "wall_seconds": time.perf_counter() - began, "metrics": None}
+            if proc.returncode == 0:
+                with open(os.path.join(folder, WORKER_FILE)) as f:
+                    result["metrics"] = json.load(f)
+            else:
+                result["failed"] = _failure(console_path, proc.returncode)
             write_json(os.path.join(folder, RESULT_FILE), result)
-            log(f"{head}: done in {_minutes(result['wall_seconds'])} {describe(result)}")
+            verb = "failed after" if result.get("failed") else "done in"
+            log(f"{head}: {verb} {_minutes(result['wall_seconds'])} "
+                f"{_outcome(result, describe)}")
         results.append(result)
         walls.append(result["wall_seconds"])
         left = len(runs) - index

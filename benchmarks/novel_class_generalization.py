@@ -291,12 +291,14 @@ def plot(summary, heads, path):
         by_cell = {(e["head"], e["mode"]): e[key] for e in summary}
         for i, mode in enumerate(MODES):
             means = [by_cell[h, mode]["mean"] for h in heads]
-            stds = [np.nan_to_num(by_cell[h, mode]["std"]) for h in heads]
-            ax.bar(x + (i - 0.5) * width, means, width, yerr=stds, capsize=3,
+            stds = [by_cell[h, mode]["std"] for h in heads]
+            spread = None if all(map(math.isnan, stds)) else np.nan_to_num(stds)  # one seed: none
+            ax.bar(x + (i - 0.5) * width, means, width, yerr=spread, capsize=3,
                    label=f"masks learnt on {MODE_LABELS[mode]}")
             for xi, mean in zip(x + (i - 0.5) * width, means):
                 if math.isnan(mean):  # a failed run, or nothing to evaluate: no bar, say so
-                    ax.text(xi, 0, " n/a", rotation=90, ha="center", va="bottom", fontsize=8)
+                    ax.text(xi, 0, " n/a (failed)", rotation=90, ha="center", va="bottom",
+                            color="tab:red")
         ceiling = by_cell[heads[-1], CEILING]["mean"]
         if math.isfinite(ceiling):
             ax.axhline(ceiling, color="k", linestyle="--",

@@ -72,11 +72,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
 # Half the demo config's 1000 iterations (its LR steps move with them, see
-# scaled_schedule), so that the default grid (9 runs) fits in 90 minutes on 2 CPU cores. Timed with 100-iteration runs
-# on proposals while two other trainings shared the cores: 1.40 s/iteration for the stock
-# head, 1.91 for hourglass52, ~40 s per run besides training; the demo's 1000 hourglass20
-# iterations take 0.75 s each with the cores to itself. At ~0.7 s/iteration that is
-# ~55 minutes for the grid; with the cores shared as in that timing, ~2 hours.
+# scaled_schedule), so that the default grid (9 runs) fits in 90 minutes on 2 CPU cores:
+# measured there, 60 minutes in all, from 4.9 (default head) to 11.7 (hourglass52)
+# minutes per run.
 CPU_MAX_ITER = 500
 STOCK = "stock"  # Detectron2's MaskRCNNConvUpsampleHead
 HEADS = (STOCK,) + CONVNET_VARIANTS  # shallow to deep: the ceiling takes the last one given

@@ -167,8 +167,11 @@ def scaled_schedule(solver, max_iter):
     """SOLVER overrides for a run of ``max_iter`` iterations: the LR steps at the same
     fractions of the run as in the config (keeping them would leave a shortened run at
     the peak LR to its end). The warmup keeps its length: it is what keeps training
-    from scratch stable, whatever the run's length."""
-    steps = tuple(round(s * max_iter / solver.MAX_ITER) for s in solver.STEPS)
+    from scratch stable, whatever the run's length. A step that lands on the last
+    iteration (in a run of a few iterations) would change nothing and is dropped:
+    Detectron2's scheduler rejects it."""
+    scaled = {round(s * max_iter / solver.MAX_ITER) for s in solver.STEPS}
+    steps = tuple(sorted(s for s in scaled if 0 < s < max_iter))
     return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps)]
 
 

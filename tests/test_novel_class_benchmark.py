@@ -5,6 +5,7 @@ and the mean/std over seeds worked by hand.
 The quality of the numbers is not checked here (2 iterations learn nothing); the
 given-box IoU itself is tested in test_box_masks.py.
 """
+import argparse
 import json
 import math
 import os
@@ -131,6 +132,11 @@ def test_shortened_runs_keep_the_configs_lr_schedule_shape():
     for run in runs:
         solver = yaml.safe_load(run.spec["config"])["SOLVER"]
         assert (solver["MAX_ITER"], solver["STEPS"], solver["WARMUP_ITERS"]) == (500, [375, 450], 100)
+    # 2 iterations: 750 and 900 both land on iteration 2, the run's end, where a step
+    # changes nothing (and Detectron2's scheduler refuses it).
+    solver = argparse.Namespace(MAX_ITER=1000, STEPS=(750, 900))
+    assert script["scaled_schedule"](solver, 2) == ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()"]
+    assert script["scaled_schedule"](solver, 100) == ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(75, 90)"]
 
 
 def test_mean_and_std_over_seeds_by_hand():

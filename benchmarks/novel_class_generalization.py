@@ -298,7 +298,7 @@ def plot(summary, heads, path):
                    label=f"masks learnt on {MODE_LABELS[mode]}")
             for xi, mean in zip(x + (i - 0.5) * width, means):
                 if math.isnan(mean):  # a failed run, or nothing to evaluate: no bar, say so
-                    ax.text(xi, 0, " n/a (failed)", rotation=90, ha="center", va="bottom",
+                    ax.text(xi, 0, " n/a: no result", rotation=90, ha="center", va="bottom",
                             color="tab:red")
         ceiling = by_cell[heads[-1], CEILING]["mean"]
         if math.isfinite(ceiling):

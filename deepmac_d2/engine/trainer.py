@@ -9,7 +9,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 
 from ..config import add_deepmac_config
-from ..data import InstanceMaskDatasetMapper, check_dataset_files
+from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_dependencies
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
 
@@ -112,6 +112,7 @@ def setup(args, check_datasets=True):
     then does Detectron2's ``default_setup`` (output dir, logging, seeds).
     """
     cfg = load_config(args)
+    check_mapper_dependencies(cfg)  # a missing package now, not at the first batch
     accelerator = resolve_accelerator(getattr(args, "accelerator", None) or cfg.DEEPMAC.ACCELERATOR)
     cfg.DEEPMAC.ACCELERATOR = accelerator
     if accelerator == "xla":

@@ -3,6 +3,7 @@
 The heads are built directly on a hand-made one-level feature map (no backbone), so
 every box the mask pooler sees and every mask target can be written down by hand.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_roi_heads
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from deepmac_d2 import add_deepmac_config
@@ -272,3 +273,223 @@ def test_voc_preset_on_builtin_coco():
     assert len(ids) == 20 and ids[:7] == list(range(7)) and 62 in ids
     cfg.MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS = ["nonvoc"]
     assert sorted(allowed_contiguous_class_ids(cfg) + ids) == list(range(80))
+
+
+# ---------------------------------------------------------------------------------------
+# Box-only instances (``gt_has_mask`` False): boxes for every instance, masks for some.
+#
+# Every box below has integer corners and sides that are multiples of MASK, so that
+# Detectron2's mask target (ROIAlign, aligned=True, adaptive sampling, then >= 0.5) is by
+# hand the mean of each (side / MASK)^2 block of pixels of the full-image mask, >= 0.5.
+
+# Image 0: A, class 0, box-only and listed first (Detectron2 issue #1656); B, class 0.
+# Image 1: C, class 2; D, class 1. Masks fill the left half of each box.
+PARTIAL = {
+    "A": ((40, 16, 56, 48), 0, 0, False),
+    "B": ((8, 8, 24, 40), 0, 0, True),
+    "C": ((8, 8, 40, 24), 1, 2, True),
+    "D": ((40, 40, 56, 56), 1, 1, True),
+}
+JITTERS = ((2, 0), (0, -2))  # proposal shifts (dx, dy): IoU >= 0.6 with their GT box
+
+
+def full_mask(name):
+    (x0, y0, x1, y1), *_ = PARTIAL[name]
+    m = np.zeros((IMAGE, IMAGE), np.float64)
+    m[y0:y1, x0 : (x0 + x1) // 2] = 1
+    return m
+
+
+def hand_target(name, box):
+    """The MASK x MASK target of GT ``name`` cropped at ``box``, by block means."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    kx, ky = (x1 - x0) // MASK, (y1 - y0) // MASK
+    assert kx * MASK == x1 - x0 and ky * MASK == y1 - y0
+    crop = full_mask(name)[y0:y1, x0:x1]
+    return torch.from_numpy(crop.reshape(MASK, ky, MASK, kx).mean(axis=(1, 3)) >= 0.5).double()
+
+
+def partial_batch(box_only=("A",), has_mask_field=True, polygons=False, requires_grad=False):
+    """Features, proposals (each GT box shifted by JITTERS, plus one background box) and
+    targets of the two images; ``box_only`` instances get an empty placeholder mask."""
+    torch.manual_seed(1)
+    features = {"p2": torch.randn(2, 8, IMAGE // 4, IMAGE // 4, requires_grad=requires_grad)}
+    targets, proposals = [], []
+    for image in (0, 1):
+        names = [n for n, (_, img, _, _) in PARTIAL.items() if img == image]
+        t = Instances((IMAGE, IMAGE))
+        t.gt_boxes = Boxes(torch.tensor([PARTIAL[n][0] for n in names], dtype=torch.float32))
+        t.gt_classes = torch.tensor([PARTIAL[n][2] for n in names])
+        if polygons:
+            t.gt_masks = PolygonMasks(
+                [[] if n in box_only else [rectangle(PARTIAL[n][0])] for n in names]
+            )
+        else:
+            masks = [np.zeros((IMAGE, IMAGE)) if n in box_only else full_mask(n) for n in names]
+            t.gt_masks = BitMasks(torch.from_numpy(np.stack(masks)).bool())
+        if has_mask_field:
+            t.gt_has_mask = torch.tensor([n not in box_only for n in names])
+        targets.append(t)
+        boxes = [
+            [x0 + dx, y0 + dy, x1 + dx, y1 + dy]
+            for n in names
+            for (x0, y0, x1, y1) in [PARTIAL[n][0]]
+            for dx, dy in JITTERS
+        ]
+        p = Instances((IMAGE, IMAGE))
+        p.proposal_boxes = Boxes(torch.tensor(boxes + [[0, 48, 16, 64]], dtype=torch.float32))
+        p.objectness_logits = torch.zeros(len(boxes) + 1)
+        proposals.append(p)
+    return features, proposals, targets
+
+
+def rectangle(box):
+    """The left half of ``box`` as one polygon."""
+    x0, y0, x1, y1 = box
+    xm = (x0 + x1) / 2
+    return [x0, y0, xm, y0, xm, y1, x0, y1]
+
+
+def partial_cfg(mask_head="MaskRCNNConvUpsampleHead", agnostic=True, use_gt_boxes=True):
+    cfg = make_cfg(mask_head, agnostic, use_gt_boxes)
+    # Room for every proposal: all are sampled, whatever the seed (16 foreground at most).
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    return cfg
+
+
+def name_of(box):
+    """Which GT a (GT or jittered) box belongs to: the one it overlaps most."""
+    for name, (gt, *_) in PARTIAL.items():
+        if box.tolist() == list(gt) or any(
+            box.tolist() == [gt[0] + dx, gt[1] + dy, gt[2] + dx, gt[3] + dy] for dx, dy in JITTERS
+        ):
+            return name
+    raise AssertionError(f"unexpected box {box.tolist()}")
+
+
+def expected_mask_boxes(kept, use_gt_boxes):
+    """By hand: the boxes the mask head must see, per GT name (the GT box alone with GT
+    boxes; else the GT box Detectron2 appends to the proposals and its two jitters)."""
+    out = []
+    for name in kept:
+        (x0, y0, x1, y1), *_ = PARTIAL[name]
+        out.append((name, (x0, y0, x1, y1)))
+        if not use_gt_boxes:
+            out += [(name, (x0 + dx, y0 + dy, x1 + dx, y1 + dy)) for dx, dy in JITTERS]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("mask_head,agnostic", HEADS)
+@pytest.mark.parametrize("use_gt_boxes", [True, False])
+@pytest.mark.parametrize("allowed,kept", [(None, "BCD"), ([0, 2], "BC")])
+def test_mask_loss_is_over_masked_allowed_instances(mask_head, agnostic, use_gt_boxes, allowed, kept):
+    """A box-only instance listed first (#1656) and, with ALLOWED_CLASS_IDS, a class
+    without masks: the loss is the hand BCE over the rest, target by target."""
+    heads = make_heads(partial_cfg(mask_head, agnostic, use_gt_boxes), allowed=allowed)
+    seen = spy_mask_branch(heads)
+    losses = run(heads, *partial_batch())
+
+    (instances,) = seen["instances"]
+    boxes = torch.cat([x.proposal_boxes.tensor for x in instances])
+    names = [name_of(b) for b in boxes]
+    assert sorted(zip(names, (tuple(int(v) for v in b) for b in boxes))) == expected_mask_boxes(
+        kept, use_gt_boxes
+    )
+    targets = torch.stack([hand_target(n, b) for n, b in zip(names, boxes)])
+    classes = torch.tensor([PARTIAL[n][2] for n in names])
+    (logits,) = seen["logits"]
+    picked = logits[:, 0] if agnostic else logits[torch.arange(len(names)), classes]
+    expected = hand_bce(picked.detach(), targets)
+    assert losses["loss_mask"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("use_gt_boxes", [True, False])
+def test_box_and_class_losses_are_those_with_every_mask(use_gt_boxes):
+    heads = make_heads(partial_cfg(use_gt_boxes=use_gt_boxes))
+    seen = spy_mask_branch(heads)
+    torch.manual_seed(5)  # the proposal sampling
+    partial = run(heads, *partial_batch())
+    torch.manual_seed(5)
+    full = run(heads, *partial_batch(box_only=(), has_mask_field=False))
+    for key in ("loss_cls", "loss_box_reg"):
+        assert torch.equal(partial[key], full[key]), key
+    # ... while A trains the mask head in the second run only (its GT box and, with
+    # proposals, its two jitters).
+    count = [sum(len(x) for x in instances) for instances in seen["instances"]]
+    assert count[1] - count[0] == (1 if use_gt_boxes else 3)
+
+
+def mask_head_grads(heads, features, proposals, targets):
+    torch.manual_seed(5)
+    loss = run(heads, features, proposals, targets)["loss_mask"]
+    return [g.clone() for g in torch.autograd.grad(loss, list(heads.mask_head.parameters()))]
+
+
+@pytest.mark.parametrize("mask_head,agnostic", HEADS[1:3])
+@pytest.mark.parametrize("use_gt_boxes", [True, False])
+def test_mask_head_gradients_come_from_masked_instances_only(mask_head, agnostic, use_gt_boxes):
+    heads = make_heads(partial_cfg(mask_head, agnostic, use_gt_boxes))
+    reference = mask_head_grads(heads, *partial_batch())
+
+    # A's placeholder filled with its real mask, and noise on the features under A's box
+    # (x 40..56 / stride 4: columns 9 and on, away from B): the mask head does not notice.
+    features, proposals, targets = partial_batch()
+    targets[0].gt_masks = BitMasks(torch.from_numpy(np.stack([full_mask("A"), full_mask("B")])).bool())
+    features["p2"][0, :, :, 9:] += 5 * torch.randn_like(features["p2"][0, :, :, 9:])
+    for a, b in zip(reference, mask_head_grads(heads, features, proposals, targets)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+    # The same noise under B's box (columns 1..6) does change them: the test can fail.
+    features, proposals, targets = partial_batch()
+    features["p2"][0, :, :, :7] += 5 * torch.randn_like(features["p2"][0, :, :, :7])
+    moved = mask_head_grads(heads, features, proposals, targets)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(reference, moved))
+
+
+@pytest.mark.parametrize("use_gt_boxes", [True, False])
+def test_image_with_only_box_only_instances(use_gt_boxes):
+    heads = make_heads(partial_cfg(use_gt_boxes=use_gt_boxes))
+    seen = spy_mask_branch(heads)
+    features, proposals, targets = partial_batch(box_only=("A", "B"), requires_grad=True)
+    losses = run(heads, features, proposals, targets)
+
+    (instances,) = seen["instances"]
+    assert [len(x) for x in instances][0] == 0
+    names = [name_of(b) for b in instances[1].proposal_boxes.tensor]
+    assert sorted(set(names)) == ["C", "D"]
+    targets = torch.stack([hand_target(n, b) for n, b in zip(names, instances[1].proposal_boxes.tensor)])
+    (logits,) = seen["logits"]
+    expected = hand_bce(logits[:, 0].detach(), targets)
+    assert losses["loss_mask"].item() == pytest.approx(expected.item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(losses["loss_mask"], features["p2"])
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mask_head,agnostic", HEADS)
+@pytest.mark.parametrize("use_gt_boxes", [True, False])
+@pytest.mark.parametrize("polygons", [False, True])
+def test_batch_without_any_mask_gives_a_connected_zero_loss(mask_head, agnostic, use_gt_boxes, polygons):
+    heads = make_heads(partial_cfg(mask_head, agnostic, use_gt_boxes))
+    stats = {k: v.clone() for k, v in heads.mask_head.state_dict().items() if "running" in k}
+    features, proposals, targets = partial_batch(box_only="ABCD", polygons=polygons)
+    losses = run(heads, features, proposals, targets)
+
+    assert losses["loss_mask"].item() == 0.0
+    # The head ran on zero ROIs: its BatchNorm statistics learnt nothing (and no NaN / inf).
+    after = heads.mask_head.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items())
+    sum(losses.values()).backward()
+    params = list(heads.mask_head.parameters())
+    assert params and all(p.grad is not None for p in params)
+    assert all(p.grad.abs().sum() == 0 for p in params)
+    assert any(p.grad.abs().sum() > 0 for p in heads.box_predictor.parameters())
+
+
+def test_polygon_placeholder_gives_the_bitmask_loss():
+    """The mapper's polygon placeholder (no polygon) is as good as an empty bitmask."""
+    heads = make_heads(partial_cfg())
+    torch.manual_seed(5)
+    bitmask = run(heads, *partial_batch())
+    torch.manual_seed(5)
+    polygon = run(heads, *partial_batch(polygons=True))
+    assert polygon["loss_mask"].item() == pytest.approx(bitmask["loss_mask"].item(), rel=1e-6)

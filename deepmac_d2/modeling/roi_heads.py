@@ -62,6 +62,13 @@ class DeepMaskROIHeads(StandardROIHeads):
     * ``mask_allowed_classes``: only instances of these classes train the mask head (the
       partially supervised setting); RPN and box head still learn every class.
 
+    Besides, an instance whose target has ``gt_has_mask`` False is box-only: its box trains
+    RPN and the box head, its (placeholder) mask is never read. This is the setting as
+    users' data comes, where any instance may lack a mask, which Detectron2 has no notion
+    of and the reference handles by class only. Targets without the field have a mask each.
+    Both filters combine: an instance trains the mask head if it has a mask AND its class
+    is allowed.
+
     The mask loss stays Detectron2's ``mask_rcnn_loss`` (through the mask head), applied
     to the kept instances only: per-pixel sigmoid cross-entropy averaged over their pixels.
     If a batch keeps no instance, the head runs on zero ROIs and that loss is
@@ -140,9 +147,11 @@ class DeepMaskROIHeads(StandardROIHeads):
 
         With ``mask_use_gt_boxes`` these are the targets themselves, with their boxes in
         ``proposal_boxes``: the field the mask pooler reads and ``mask_rcnn_loss`` crops
-        the target masks with. Otherwise they are the sampled proposals (the parent's
-        ``_forward_mask`` keeps their foreground). Either way, instances of classes that
-        are not allowed are dropped.
+        the target masks with. Otherwise they are the sampled proposals, which
+        ``label_and_sample_proposals`` gave every ``gt_*`` field of their matched target
+        (``gt_has_mask`` included). Either way only :meth:`trains_mask` instances are kept;
+        for proposals that is foreground ones only, the selection the parent's
+        ``_forward_mask`` then repeats (a no-op on them).
         """
         if self.mask_use_gt_boxes:
             instances = []
@@ -152,6 +161,20 @@ class DeepMaskROIHeads(StandardROIHeads):
                 instances.append(x)
         else:
             instances = proposals
-        if self.mask_allowed_classes is None:
-            return instances
-        return [x[self._mask_allowed_table[x.gt_classes]] for x in instances]
+        if self.mask_allowed_classes is None and not any(t.has("gt_has_mask") for t in targets):
+            return instances  # every instance has a mask and every class is allowed
+        return [x[self.trains_mask(x)] for x in instances]
+
+    def trains_mask(self, instances: Instances) -> torch.Tensor:
+        """Bool mask over ``instances`` (targets, or proposals labelled with their matched
+        target): foreground, with a mask (``gt_has_mask``, True where absent), of an
+        allowed class."""
+        classes = instances.gt_classes
+        # Background proposals are labelled num_classes; their other gt_* fields are those
+        # of an arbitrary target (Detectron2 copies them for every sampled proposal).
+        keep = (classes >= 0) & (classes < self.num_classes)
+        if instances.has("gt_has_mask"):
+            keep &= instances.gt_has_mask.to(torch.bool)
+        if self.mask_allowed_classes is not None:
+            keep &= self._mask_allowed_table[classes]
+        return keep

@@ -3,10 +3,14 @@
 
     python datasets/prepare_synthetic.py                      # datasets/synthetic, demo sizes
     python datasets/prepare_synthetic.py --clutter 1 --occlusion 0.8 --out datasets/synthetic_hard
+    python datasets/prepare_synthetic.py --partial-masks-for seen   # + train_partial.json
 
 Writes ``<out>/{train,val}/*.png``, ``<out>/annotations/{train,val}.json``
 (COCO, RLE masks), ``<out>/params.json`` and a ``<out>/preview.png`` grid of
-val images, each shown bare above its annotated copy (``*`` marks novel classes). A run with the
+val images, each shown bare above its annotated copy (``*`` marks novel classes).
+``--partial-masks-for seen`` adds ``<out>/annotations/train_partial.json``: the train
+boxes, with masks for the seen classes only (``synthetic_train_partial``); it prints per
+class what it removed. A run with the
 parameters of a finished one returns at once; an interrupted one is redone.
 ``import deepmac_d2`` registers ``synthetic_train``/``synthetic_val`` at the
 default ``--out``; register another folder with
@@ -22,12 +26,17 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
+from deepmac_d2.data.partial_annotations import format_summary, parse_masks_for
 from deepmac_d2.data.synthetic import (
     CLASS_NAMES,
+    CLASS_SPLITS,
     NOVEL_CLASSES,
+    PARTIAL_TRAIN_FILE,
     SyntheticConfig,
+    categories,
     default_root,
     prepare_synthetic,
+    write_partial_train,
 )
 
 
@@ -49,7 +58,24 @@ def parse_args(argv=None):
     p.add_argument("--clutter", type=float, default=d.clutter, help="0..1: background clutter and noise")
     p.add_argument("--no-textures", action="store_true", help="plain-coloured objects")
     p.add_argument("--preview-images", type=int, default=8, help="images in preview.png (0: none)")
-    return p.parse_args(argv)
+    p.add_argument("--partial-masks-for", metavar="SPEC",
+                   help=f"also write annotations/{PARTIAL_TRAIN_FILE}: train boxes, masks only for "
+                   "these classes ('seen', 'novel' or category ids '1,2,...'); val keeps every mask")
+    p.add_argument("--partial-drop-mask-fraction", type=float, default=0.0, metavar="F",
+                   help="in that json, also remove this fraction of each kept class's masks (by --seed)")
+    args = p.parse_args(argv)
+    if not 0 <= args.partial_drop_mask_fraction <= 1:
+        p.error(f"--partial-drop-mask-fraction must be in [0, 1], got {args.partial_drop_mask_fraction}")
+    if args.partial_masks_for is not None:
+        try:
+            args.partial_masks_for = parse_masks_for(
+                args.partial_masks_for, [c["id"] for c in categories()], CLASS_SPLITS, "--partial-masks-for"
+            )
+        except ValueError as e:
+            p.error(str(e))
+    elif args.partial_drop_mask_fraction:
+        p.error("--partial-drop-mask-fraction needs --partial-masks-for (e.g. seen)")
+    return args
 
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -130,6 +156,11 @@ def main(argv=None):
     with open(os.path.join(args.out, "annotations", "train.json")) as f:
         train = json.load(f)
     print(f"{args.out}: {len(train['images'])} train images, {len(train['annotations'])} instances", file=sys.stderr)
+    if args.partial_masks_for is not None:
+        summary = write_partial_train(args.out, args.partial_masks_for, args.partial_drop_mask_fraction, args.seed)
+        print(format_summary(summary), file=sys.stderr)
+        print(f"{os.path.join(args.out, 'annotations', PARTIAL_TRAIN_FILE)}: masks for category ids "
+              f"{args.partial_masks_for} only", file=sys.stderr)
 
 
 if __name__ == "__main__":

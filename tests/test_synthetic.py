@@ -157,3 +157,78 @@ def test_cli_writes_dataset_and_preview(tmp_path):
     with open(os.path.join(out, synthetic.PARAMS_FILE)) as f:
         assert json.load(f)["image_size"] == 96
     assert os.path.isfile(os.path.join(out, "preview.png"))
+
+
+def test_partial_train_json_has_every_box_and_only_seen_masks(root, train):
+    summary = synthetic.write_partial_train(root, SEEN_CLASSES)
+    with open(os.path.join(root, "annotations", synthetic.PARTIAL_TRAIN_FILE)) as f:
+        partial = json.load(f)
+    assert partial["images"] == train["images"] and partial["categories"] == train["categories"]
+    assert len(partial["annotations"]) == len(train["annotations"])
+    for full, part in zip(train["annotations"], partial["annotations"]):
+        assert {k: v for k, v in full.items() if k != "segmentation"} == {
+            k: v for k, v in part.items() if k != "segmentation"
+        }
+        assert ("segmentation" in part) == (full["category_id"] in SEEN_CLASSES)
+    novel = [a for a in train["annotations"] if a["category_id"] in NOVEL_CLASSES]
+    assert novel and sum(summary.removed.values()) == len(novel)
+
+    # Through Detectron2's loader and the registered name: box-only novel instances, kept.
+    from deepmac_d2.data.mask_coverage import count_mask_coverage
+
+    register_synthetic(root, name_prefix="synthetic_partial_test")
+    dicts = DatasetCatalog.get("synthetic_partial_test_train_partial")
+    assert sum(len(d["annotations"]) for d in dicts) == len(train["annotations"])
+    cov = count_mask_coverage(dicts, CLASS_NAMES)
+    for cid in NOVEL_CLASSES:
+        assert cov.with_mask[cid - 1] == 0
+    assert cov.total_box_only == len(novel)
+    assert cov.total_with_mask == len(train["annotations"]) - len(novel)
+
+
+def test_partial_json_is_derived_and_default_output_unchanged(tmp_path):
+    out = str(tmp_path)
+    assert prepare_synthetic(out, seed=1, num_train=3, num_val=1)
+    assert sorted(os.listdir(os.path.join(out, "annotations"))) == ["train.json", "val.json"]
+    with open(os.path.join(out, synthetic.PARAMS_FILE)) as f:
+        params = json.load(f)
+    # Asking for the partial json later regenerates nothing and leaves params.json alone.
+    assert not prepare_synthetic(out, seed=1, num_train=3, num_val=1, partial_masks_for=[1])
+    partial = os.path.join(out, "annotations", synthetic.PARTIAL_TRAIN_FILE)
+    with open(partial) as f:
+        assert {a["category_id"] for a in json.load(f)["annotations"] if "segmentation" in a} <= {1}
+    with open(os.path.join(out, synthetic.PARAMS_FILE)) as f:
+        assert json.load(f) == params
+    # New images remove the partial json of the old ones.
+    assert prepare_synthetic(out, seed=2, num_train=3, num_val=1)
+    assert not os.path.exists(partial)
+
+
+def test_missing_partial_json_names_the_flag(tmp_path):
+    root = str(tmp_path / "nothing_here")
+    register_synthetic(root, name_prefix="synthetic_missing_partial")
+    with pytest.raises(FileNotFoundError, match="--partial-masks-for seen"):
+        DatasetCatalog.get("synthetic_missing_partial_train_partial")
+
+
+def test_cli_partial_masks_for(tmp_path, capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "datasets", "prepare_synthetic.py")
+    spec = importlib.util.spec_from_file_location("prepare_synthetic", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = str(tmp_path)
+    base = ["--out", out, "--num-train", "4", "--num-val", "1", "--preview-images", "0"]
+    cli.main(base + ["--partial-masks-for", "novel", "--partial-drop-mask-fraction", "0.5"])
+    with open(os.path.join(out, "annotations", synthetic.PARTIAL_TRAIN_FILE)) as f:
+        partial = json.load(f)["annotations"]
+    with open(os.path.join(out, "annotations", "train.json")) as f:
+        full = json.load(f)["annotations"]
+    masked = [a for a in partial if "segmentation" in a]
+    assert {a["category_id"] for a in masked} <= set(NOVEL_CLASSES)
+    per_class = {c: sum(a["category_id"] == c for a in full) for c in NOVEL_CLASSES}
+    assert len(masked) == sum(c - int(round(0.5 * c)) for c in per_class.values())
+    err = capsys.readouterr().err
+    assert "#removed" in err and "total" in err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--partial-masks-for", "99"])
+    assert "--partial-masks-for '99': category id(s) [99] are not in the json" in capsys.readouterr().err

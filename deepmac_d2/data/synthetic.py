@@ -9,6 +9,9 @@ size, aspect and rotation over a cluttered background, occluding each other
 ``NOVEL_CLASSES``, defined next to the classes.
 
 Generate with ``python datasets/prepare_synthetic.py`` (or :func:`prepare_synthetic`).
+``--partial-masks-for seen`` also writes ``annotations/train_partial.json``: the same train
+images and boxes, masks for the seen classes only (the novel ones are box-only), which
+``<prefix>_train_partial`` names; the partially supervised setting as real data has it.
 Masks are stored as compressed RLE (visible parts only; holes and occlusion
 make polygons a poor fit), so training needs ``cfg.INPUT.MASK_FORMAT = "bitmask"``.
 
@@ -28,6 +31,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from PIL import Image
 
+from .partial_annotations import make_partial_annotations
 from .synthetic_render import render_scene
 from .synthetic_shapes import (  # noqa: F401  (re-exported: the split lives with the classes)
     CLASS_NAMES,
@@ -39,6 +43,10 @@ from .synthetic_shapes import (  # noqa: F401  (re-exported: the split lives wit
 
 SPLITS = ("train", "val")
 PARAMS_FILE = "params.json"
+# train.json with masks removed (write_partial_train); <prefix>_train_partial reads it.
+PARTIAL_TRAIN_FILE = "train_partial.json"
+# Presets of --partial-masks-for, as deepmac_d2.data.partial_annotations.parse_masks_for takes them.
+CLASS_SPLITS = {"seen": SEEN_CLASSES, "novel": NOVEL_CLASSES}
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREPARE_SCRIPT = os.path.join(_REPO_ROOT, "datasets", "prepare_synthetic.py")
 
@@ -135,7 +143,29 @@ def generation_params(seed, num_train, num_val, cfg):
     return {"seed": seed, "num_train": num_train, "num_val": num_val, **dataclasses.asdict(cfg)}
 
 
-def prepare_synthetic(out, seed=0, num_train=600, num_val=150, cfg=SyntheticConfig(), progress=None):
+def write_partial_train(out, masks_for=SEEN_CLASSES, drop_mask_fraction=0.0, seed=0):
+    """Write ``<out>/annotations/train_partial.json`` from ``train.json``: every box, masks
+    only for the category ids ``masks_for`` (and of those, ``drop_mask_fraction`` removed
+    at random, by ``seed``). Returns the :class:`PartialSummary`; cheap, so it is simply
+    rewritten on every call."""
+    ann_dir = os.path.join(out, "annotations")
+    with open(os.path.join(ann_dir, "train.json")) as f:
+        coco = json.load(f)
+    partial, summary = make_partial_annotations(coco, masks_for, drop_mask_fraction, seed)
+    _write_json_atomically(os.path.join(ann_dir, PARTIAL_TRAIN_FILE), partial)
+    return summary
+
+
+def prepare_synthetic(
+    out,
+    seed=0,
+    num_train=600,
+    num_val=150,
+    cfg=SyntheticConfig(),
+    progress=None,
+    partial_masks_for=None,
+    partial_drop_mask_fraction=0.0,
+):
     """Generate the dataset under ``out``, unless the same parameters already finished there.
 
     Returns True if it generated, False if it skipped. ``params.json`` is
@@ -143,7 +173,19 @@ def prepare_synthetic(out, seed=0, num_train=600, num_val=150, cfg=SyntheticConf
     atomically after their images: an interrupted run leaves no
     ``params.json`` (so it is redone) and no json for an unfinished split (so
     the loader reports it missing rather than reading a stale one).
+
+    With ``partial_masks_for`` (category ids), ``train_partial.json`` is (re)written too,
+    by :func:`write_partial_train` with ``partial_drop_mask_fraction`` and ``seed``; it is
+    derived from ``train.json``, so it does not enter ``params.json`` and a finished
+    dataset is not regenerated for it. Without it, nothing of the default output changes.
     """
+    generated = _generate(out, seed, num_train, num_val, cfg, progress)
+    if partial_masks_for is not None:
+        write_partial_train(out, partial_masks_for, partial_drop_mask_fraction, seed)
+    return generated
+
+
+def _generate(out, seed, num_train, num_val, cfg, progress):
     params = generation_params(seed, num_train, num_val, cfg)
     params_path = os.path.join(out, PARAMS_FILE)
     ann_dir = os.path.join(out, "annotations")
@@ -154,10 +196,11 @@ def prepare_synthetic(out, seed=0, num_train=600, num_val=150, cfg=SyntheticConf
                 return False
         os.remove(params_path)
     os.makedirs(ann_dir, exist_ok=True)
-    for split in SPLITS:
-        json_path = os.path.join(ann_dir, f"{split}.json")
+    for json_name in [f"{split}.json" for split in SPLITS] + [PARTIAL_TRAIN_FILE]:
+        json_path = os.path.join(ann_dir, json_name)  # a partial json of the old images, too
         if os.path.exists(json_path):
             os.remove(json_path)
+    for split in SPLITS:
         shutil.rmtree(os.path.join(out, split), ignore_errors=True)
     for split, num_images in zip(SPLITS, (num_train, num_val)):
         coco = generate_split(out, split, num_images, seed, cfg, progress)
@@ -170,9 +213,10 @@ def prepare_synthetic(out, seed=0, num_train=600, num_val=150, cfg=SyntheticConf
 def load_synthetic(json_file, image_root, name, root):
     """Detectron2's ``load_coco_json``, with a missing json explained: it is generated, not shipped."""
     if not os.path.isfile(json_file):
+        flag = " --partial-masks-for seen" if os.path.basename(json_file) == PARTIAL_TRAIN_FILE else ""
         raise FileNotFoundError(
             f"dataset '{name}': {json_file} does not exist; generate it with: "
-            f"python {PREPARE_SCRIPT} --out {root}"
+            f"python {PREPARE_SCRIPT} --out {root}{flag}"
         )
     return load_coco_json(json_file, image_root, name)
 
@@ -187,11 +231,13 @@ def register_synthetic(root=None, name_prefix="synthetic"):
     front, since the classes are fixed; plus the split:
     ``seen_class_ids`` / ``novel_class_ids`` (dataset ids, as in the json).
     Calling again re-points the names, e.g. at a harder variant of the data.
+    ``<name_prefix>_train_partial`` reads ``train_partial.json`` (:func:`write_partial_train`)
+    with the train images.
     """
     root = root or default_root()
-    for split in SPLITS:
-        name = f"{name_prefix}_{split}"
-        json_file = os.path.join(root, "annotations", f"{split}.json")
+    for split, json_name in [(s, f"{s}.json") for s in SPLITS] + [("train", PARTIAL_TRAIN_FILE)]:
+        name = f"{name_prefix}_{os.path.splitext(json_name)[0]}"
+        json_file = os.path.join(root, "annotations", json_name)
         image_root = os.path.join(root, split)
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)

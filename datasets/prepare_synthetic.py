@@ -69,7 +69,7 @@ def parse_args(argv=None):
     if args.partial_masks_for is not None:
         try:
             args.partial_masks_for = parse_masks_for(
-                args.partial_masks_for, [c["id"] for c in categories()], CLASS_SPLITS, "--partial-masks-for"
+                args.partial_masks_for, categories(), CLASS_SPLITS, "--partial-masks-for"
             )
         except ValueError as e:
             p.error(str(e))

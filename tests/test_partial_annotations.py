@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import pycocotools.mask as mask_util
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from pycocotools.coco import COCO
 
 from deepmac_d2.data.partial_annotations import (
@@ -89,7 +90,7 @@ def crowd(coco):
 def test_masks_for_voc_keeps_every_box_and_only_voc_masks():
     coco = coco_fixture()
     frozen = json.dumps(coco)
-    out, summary = make_partial_annotations(coco, parse_masks_for("voc", [1, 3, 11, 13]))
+    out, summary = make_partial_annotations(coco, parse_masks_for("voc", CATEGORIES))
     assert json.dumps(coco) == frozen  # the input is not modified
     check_only_masks_changed(coco, out)
     assert has_segm(out) == masked(coco, {1, 3}) | crowd(coco)
@@ -125,17 +126,23 @@ def test_same_seed_same_output_other_seed_differs():
 
 def test_masks_for_parsing_and_bad_ids():
     # A preset counts with the ids the json has; a number must be there.
-    assert parse_masks_for("voc,11", [1, 3, 11, 13]) == [1, 3, 11]
-    assert parse_masks_for("nonvoc", list(range(1, 91)))[:4] == [8, 10, 11, 13]
+    assert parse_masks_for("voc,11", CATEGORIES) == [1, 3, 11]
+    coco80 = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
+    assert parse_masks_for("nonvoc", coco80)[:4] == [8, 10, 11, 13] and len(parse_masks_for("nonvoc", coco80)) == 60
     with pytest.raises(ValueError, match=r"none of preset 'voc'.*its category ids are \[11, 13\]"):
-        parse_masks_for("voc", [11, 13])
-    assert parse_masks_for(" 13, 1 ", [1, 3, 11, 13]) == [1, 13]
+        parse_masks_for("voc", CATEGORIES[2:])
+    # The COCO presets on another dataset's ids 1, 2, ...: refused, naming the clash.
+    shapes = [{"id": 1, "name": "ellipse"}, {"id": 2, "name": "hexagon"}, {"id": 8, "name": "arrow"}]
+    with pytest.raises(ValueError, match=r"1 is 'ellipse' \(COCO: 'person'\); 2 is 'hexagon'"):
+        parse_masks_for("voc", shapes)
+    assert parse_masks_for("1,8", shapes) == [1, 8]
+    assert parse_masks_for(" 13, 1 ", CATEGORIES) == [1, 13]
     with pytest.raises(ValueError) as err:
-        parse_masks_for("1,5,7", [1, 3, 11, 13])
+        parse_masks_for("1,5,7", CATEGORIES)
     assert "[5, 7]" in str(err.value) and "[1, 3, 11, 13]" in str(err.value)
     with pytest.raises(ValueError, match=r"'seen' is neither a category id nor a preset \(nonvoc, voc\)"):
-        parse_masks_for("seen", [1])
-    assert parse_masks_for("seen", [1, 2], presets={"seen": [2]}) == [2]
+        parse_masks_for("seen", CATEGORIES)
+    assert parse_masks_for("seen", shapes, presets={"seen": [2]}) == [2]
     with pytest.raises(ValueError, match="must be in"):
         make_partial_annotations(coco_fixture(), None, drop_mask_fraction=1.5)
 

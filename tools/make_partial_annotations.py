@@ -55,7 +55,7 @@ def main(argv=None):
     try:
         masks_for = None
         if args.masks_for is not None:
-            masks_for = parse_masks_for(args.masks_for, [c["id"] for c in coco["categories"]])
+            masks_for = parse_masks_for(args.masks_for, coco["categories"])
         partial, summary = make_partial_annotations(coco, masks_for, args.drop_mask_fraction, args.seed)
     except ValueError as e:
         sys.exit(f"error: {args.input}: {e}")

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from tabulate import tabulate
 
 from .class_splits import CLASS_SPLIT_PRESETS
@@ -29,22 +30,35 @@ from .mask_coverage import annotation_has_mask
 __all__ = ["PartialSummary", "format_summary", "make_partial_annotations", "parse_masks_for"]
 
 
+def _coco_name_mismatches(ids, names: Mapping[int, str]) -> List[str]:
+    """The json categories among ``ids`` whose name is not COCO's for that id."""
+    coco = {c["id"]: c["name"] for c in COCO_CATEGORIES if c.get("isthing")}
+    return [
+        f"{i} is {names[i]!r} (COCO: {coco[i]!r})"
+        for i in sorted(ids)
+        if i in coco and i in names and names[i].strip().lower() != coco[i]
+    ]
+
+
 def parse_masks_for(
     spec: str,
-    category_ids: Sequence[int],
+    categories: Sequence[dict],
     presets: Optional[Mapping[str, Sequence[int]]] = None,
     option: str = "--masks-for",
 ) -> List[int]:
     """Parse ``--masks-for`` (``"voc"``, ``"nonvoc"``, ``"1,2,3"`` or a mix like ``"voc,11"``)
-    into sorted dataset category ids of the json, whose ids are ``category_ids``.
+    into sorted category ids of the json whose ``categories`` are given.
 
     An id given by number must be in the json. A preset counts with those of its ids the
-    json has (a COCO subset may hold only some VOC classes), at least one.
-    ``presets`` replace the COCO ones (``voc``, ``nonvoc``), e.g. a dataset's own split;
-    ``option`` is the name errors give the spec.
+    json has (a COCO subset may hold only some VOC classes), at least one; the COCO presets
+    also check that the json's names for them are COCO's, since on another dataset the same
+    numbers mean other classes. ``presets`` replace the COCO ones, e.g. a dataset's own
+    split (then names are not checked); ``option`` is the name errors give the spec.
     """
+    names = {int(c["id"]): str(c.get("name", "")) for c in categories}
+    known = sorted(names)
+    coco_presets = presets is None
     presets = CLASS_SPLIT_PRESETS if presets is None else presets
-    known = sorted(int(i) for i in category_ids)
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     if not items:
         raise ValueError(f"{option} {spec!r} names no class; give {'|'.join(presets)} or ids")
@@ -52,19 +66,25 @@ def parse_masks_for(
     for item in items:
         if item.isdigit():
             ids.add(int(item))
-        elif item.lower() in presets:
-            found = set(int(i) for i in presets[item.lower()]) & set(known)
-            if not found:
-                raise ValueError(
-                    f"{option}: none of preset {item!r}'s category ids "
-                    f"{sorted(presets[item.lower()])} is in the json; its category ids are {known}"
-                )
-            ids.update(found)
-        else:
+            continue
+        if item.lower() not in presets:
             raise ValueError(
                 f"{option}: {item!r} is neither a category id nor a preset "
                 f"({', '.join(sorted(presets))})"
             )
+        found = set(int(i) for i in presets[item.lower()]) & set(known)
+        if not found:
+            raise ValueError(
+                f"{option}: none of preset {item!r}'s category ids "
+                f"{sorted(presets[item.lower()])} is in the json; its category ids are {known}"
+            )
+        wrong = _coco_name_mismatches(found, names) if coco_presets else []
+        if wrong:
+            raise ValueError(
+                f"{option}: preset {item!r} names COCO classes, but in this json category "
+                f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}: give its category ids instead"
+            )
+        ids.update(found)
     missing = sorted(ids - set(known))
     if missing:
         raise ValueError(

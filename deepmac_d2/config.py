@@ -38,6 +38,32 @@ def add_deepmac_config(cfg):
     cfg.INPUT.SCALE_JITTER = ()
     cfg.INPUT.FIXED_SIZE = 1024
 
+    # The mask head's own BatchNorms (default variant's convs, the deconv), PyTorch
+    # momentum (1 - Keras'): the reference's norm_activation, Keras 0.99 / 1e-3 in the
+    # SpineNet rows, 0.997 / 1e-4 in the R50/R101 rows (set in the configs).
+    head.BN_MOMENTUM = 0.01
+    head.BN_EPS = 1e-3
+    # Mask targets: False = Detectron2's (each GT polygon/bitmask rasterised in its box,
+    # binarised at 0.5); True = the reference's soft targets (bilinear crop-and-resize
+    # of the full mask, values in [0, 1], never re-binarised).
+    head.SOFT_TARGETS = False
+
+    # SpineNet backbone (MODEL.BACKBONE.NAME "build_spinenet_backbone"); TF Model
+    # Garden's backbone.spinenet. Outputs p{MIN_LEVEL}..p{MAX_LEVEL}, strides 2^level.
+    cfg.MODEL.SPINENET = CN()
+    # "49", "96", "143", "190" (also "49S", "143L"): the reference's model_id.
+    cfg.MODEL.SPINENET.MODEL_ID = "49"
+    cfg.MODEL.SPINENET.MIN_LEVEL = 3
+    cfg.MODEL.SPINENET.MAX_LEVEL = 7
+    # Block i of 16 drops its residual branches (per sample, training only) with
+    # rate x (i + 1) / 16. TF: backbone.spinenet.stochastic_depth_drop_rate.
+    cfg.MODEL.SPINENET.STOCHASTIC_DEPTH_RATE = 0.0
+    # The reference's synchronised BatchNorm; plain BN in a single process.
+    cfg.MODEL.SPINENET.NORM = "SyncBN"
+    # PyTorch momentum (Keras 0.99) and eps: TF norm_activation.norm_momentum/epsilon.
+    cfg.MODEL.SPINENET.BN_MOMENTUM = 0.01
+    cfg.MODEL.SPINENET.BN_EPS = 1e-3
+
     # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.

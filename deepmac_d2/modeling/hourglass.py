@@ -10,12 +10,16 @@ even (its decoder add fails otherwise, e.g. on 14x14 crops for hourglass52);
 here the decoder's upsampled map is cut to the encoder shortcut's size, so any
 input size works, and even sizes give exactly the reference's computation.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, get_norm
+from detectron2.utils import comm
 
 __all__ = [
+    "KerasBatchNorm2d",
+    "norm_layer",
     "ConvBlock",
     "ResidualBlock",
     "InputBlock",
@@ -33,19 +37,56 @@ __all__ = [
 
 # The reference's hourglass BatchNorm: eps 1e-5 and Keras momentum 0.1, i.e. the
 # moving average keeps 10% of its old value (PyTorch's momentum is the weight
-# of the new batch, so 0.9). PyTorch averages the unbiased batch variance where
-# Keras uses the biased one; over ROIs x H x W values the difference is negligible.
-# The reference's hourglass BN is Keras' SyncBatchNormalization: norm "SyncBN" here.
+# of the new batch, so 0.9). The reference's hourglass BN is Keras'
+# SyncBatchNormalization: norm "SyncBN" here (see norm_layer for one process).
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def norm_layer(norm, channels, eps, momentum):
+class KerasBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running variance averages the *biased* batch variance.
+
+    Keras' non-fused BatchNormalization (and SyncBatchNormalization, which the
+    reference's hourglass and SpineNet use) moves its variance towards the batch's
+    biased variance; PyTorch's BatchNorm uses the unbiased one, n / (n - 1) larger.
+    Over n = N x H x W values the gap is negligible, except where n is small:
+    Hourglass-52's 1x1 bottleneck has n = number of ROIs, and with 2 ROIs PyTorch's
+    running variance would be twice the reference's. The normalisation itself
+    (batch statistics in training, running ones in eval) is PyTorch's, unchanged.
+    """
+
+    def forward(self, x):
+        if not (self.training and self.track_running_stats) or self.momentum is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        # PyTorch's update, on copies (autograd keeps them for the backward pass).
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            # PyTorch set var = (1 - m) old + m v n/(n-1), with v the biased variance;
+            # the reference's (1 - m) old + m v is var - (var - (1 - m) old) / n.
+            self.running_var.copy_(var - (var - (1 - self.momentum) * self.running_var) / n)
+            self.running_mean.copy_(mean)
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+def norm_layer(norm, channels, eps, momentum, biased_variance=False):
     """Detectron2's ``get_norm``, with the reference's eps and momentum for the BatchNorm kinds.
 
+    ``biased_variance``: "BN" becomes :class:`KerasBatchNorm2d` (the reference's
+    non-fused and synchronised BatchNorms). "SyncBN" in a single process is plain
+    BatchNorm (the same computation): torch's SyncBatchNorm refuses CPU input once a
+    process group exists, and one process has nothing to synchronise with.
     Other kinds (GN) keep their own defaults; ``""`` gives None (no normalisation).
     """
-    layer = get_norm(norm, channels)
+    if norm == "SyncBN" and comm.get_world_size() == 1:
+        norm = "BN"
+    if norm == "BN" and biased_variance:
+        layer = KerasBatchNorm2d(channels)
+    else:
+        layer = get_norm(norm, channels)
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         layer.eps, layer.momentum = eps, momentum
     elif isinstance(layer, FrozenBatchNorm2d):
@@ -67,7 +108,7 @@ class ConvBlock(nn.Sequential):
                 in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False
             )
         ]
-        norm_module = norm_layer(norm, out_channels, BN_EPS, BN_MOMENTUM)
+        norm_module = norm_layer(norm, out_channels, BN_EPS, BN_MOMENTUM, biased_variance=True)
         if norm_module is not None:
             layers.append(norm_module)
         if relu:
@@ -146,14 +187,15 @@ class EncoderDecoderBlock(nn.Module):
         self.decoder = residual_stack(inner, outer, blocks[0], mid_channels=inner, norm=norm)
 
     def forward(self, x):
+        # The shortcut first, as the reference calls it (the weight converter pairs
+        # layers in call order).
+        shortcut = self.encoder1(x) if self.encoder1 is not None else None
         y = self.decoder(self.inner(self.encoder2(x)))
         if self.stride != 1:
             # Nearest x2, then drop the extra row/column an odd-sized input leaves.
             y = F.interpolate(y, scale_factor=self.stride, mode="nearest")
             y = y[..., : x.shape[-2], : x.shape[-1]]
-        if self.encoder1 is None:
-            return y
-        return self.encoder1(x) + y
+        return y if shortcut is None else shortcut + y
 
 
 class HourglassNetwork(nn.Module):

@@ -10,18 +10,21 @@ the parameter counts equal the reference's); Detectron2's ``mask_rcnn_loss`` and
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops import roi_align
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
+from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
 from .hourglass import norm_layer
 
-__all__ = ["DeepMaskHead", "CONVNET_VARIANTS"]
+__all__ = ["DeepMaskHead", "CONVNET_VARIANTS", "SoftBitMasks"]
 
-# The head's own BatchNorms (default variant's convs, deconv): the reference's
-# Keras momentum 0.99 (PyTorch's momentum weighs the new batch: 0.01) and eps 1e-3.
+# The head's own BatchNorms (default variant's convs, deconv), by default: Keras
+# momentum 0.99 (PyTorch's momentum weighs the new batch: 0.01) and eps 1e-3, the
+# reference's SpineNet rows; its R50/R101 rows use 0.997 / 1e-4 (set in the configs).
 HEAD_BN_EPS = 1e-3
 HEAD_BN_MOMENTUM = 0.01
 
@@ -48,12 +51,12 @@ class _LastHourglassOutput(nn.Module):
         return self.network(x)[-1]
 
 
-def _default_convnet(in_channels, num_filters, num_convs, norm):
+def _default_convnet(in_channels, num_filters, num_convs, norm, bn_eps, bn_momentum):
     """Mask R-CNN's stack of 3x3 convs, with the reference's conv bias and head BN."""
     layers = []
     for _ in range(num_convs):
         layers.append(nn.Conv2d(in_channels, num_filters, 3, padding=1))
-        norm_module = norm_layer(norm, num_filters, HEAD_BN_EPS, HEAD_BN_MOMENTUM)
+        norm_module = norm_layer(norm, num_filters, bn_eps, bn_momentum)
         if norm_module is not None:
             layers.append(norm_module)
         layers.append(nn.ReLU(inplace=True))
@@ -61,13 +64,17 @@ def _default_convnet(in_channels, num_filters, num_convs, norm):
     return nn.Sequential(*layers), in_channels
 
 
-def build_convnet(variant, in_channels, num_filters, num_convs, norm):
+def build_convnet(
+    variant, in_channels, num_filters, num_convs, norm,
+    bn_eps=HEAD_BN_EPS, bn_momentum=HEAD_BN_MOMENTUM,
+):
     """The network between the ROI features and the upsampling; returns it and its width.
 
-    The hourglass variants ignore ``num_convs``: their depth is in their name.
+    The hourglass variants ignore ``num_convs`` (their depth is in their name) and the
+    head's BatchNorm settings (the hourglass has its own, see hourglass.py).
     """
     if variant == "default":
-        return _default_convnet(in_channels, num_filters, num_convs, norm)
+        return _default_convnet(in_channels, num_filters, num_convs, norm, bn_eps, bn_momentum)
     if variant not in _HOURGLASSES:
         raise ValueError(
             f"Unknown mask-head convnet variant {variant!r} "
@@ -98,6 +105,9 @@ class DeepMaskHead(BaseMaskRCNNHead):
         num_convs=4,
         upsample_factor=2,
         norm="BN",
+        bn_momentum=HEAD_BN_MOMENTUM,
+        bn_eps=HEAD_BN_EPS,
+        soft_targets=False,
         **kwargs,
     ):
         """
@@ -111,16 +121,19 @@ class DeepMaskHead(BaseMaskRCNNHead):
             upsample_factor: kernel and stride of the transposed conv.
             norm: Detectron2 norm name ("BN", "SyncBN", "FrozenBN", "GN", "") or callable,
                 for the convnet and the deconv; the reference uses BatchNorm.
+            bn_momentum, bn_eps: of the head's own BatchNorms (default convs, deconv),
+                PyTorch's momentum (1 - Keras'); the hourglass keeps its own.
+            soft_targets: train on the reference's soft mask targets (see
+                :class:`SoftBitMasks`) instead of Detectron2's binarised ones.
             kwargs: ``loss_weight``, ``vis_period`` of :class:`BaseMaskRCNNHead`.
         """
         super().__init__(**kwargs)
+        self.soft_targets = soft_targets
         self.convnet, width = build_convnet(
-            convnet_variant, input_shape.channels, num_filters, num_convs, norm
+            convnet_variant, input_shape.channels, num_filters, num_convs, norm, bn_eps, bn_momentum
         )
         self.deconv = nn.ConvTranspose2d(width, num_filters, upsample_factor, upsample_factor)
-        self.deconv_norm = (
-            norm_layer(norm, num_filters, HEAD_BN_EPS, HEAD_BN_MOMENTUM) or nn.Identity()
-        )
+        self.deconv_norm = norm_layer(norm, num_filters, bn_eps, bn_momentum) or nn.Identity()
         self.predictor = nn.Conv2d(num_filters, num_classes, 1)
 
         # The reference's VarianceScaling(2, fan_out, normal) with zero biases on the
@@ -144,8 +157,16 @@ class DeepMaskHead(BaseMaskRCNNHead):
             num_convs=head.NUM_CONV,
             upsample_factor=head.UPSAMPLE_FACTOR,
             norm=head.NORM,
+            bn_momentum=head.BN_MOMENTUM,
+            bn_eps=head.BN_EPS,
+            soft_targets=head.SOFT_TARGETS,
         )
         return ret
+
+    def forward(self, x, instances):
+        if self.training and self.soft_targets:
+            instances = [_with_soft_masks(i) for i in instances]
+        return super().forward(x, instances)
 
     def layers(self, x):
         # A lone training ROI: BatchNorm cannot take batch statistics from the one
@@ -157,3 +178,40 @@ class DeepMaskHead(BaseMaskRCNNHead):
             return self.layers(torch.cat([x, x.flip(-1)]))[:1]
         x = self.deconv_norm(self.deconv(self.convnet(x)))
         return self.predictor(F.relu(x))
+
+
+class SoftBitMasks(BitMasks):
+    """Full-image masks whose ``crop_and_resize`` gives the reference's soft targets.
+
+    The reference's input parser crops each full mask to its box at 112 x 112
+    (bilinear), and the model resizes that crop to the mask size (bilinear); the
+    values stay in [0, 1], never re-binarised. Detectron2's ``BitMasks`` thresholds
+    its ROIAlign at 0.5. Detectron2's ``mask_rcnn_loss`` takes float targets as they
+    are (it thresholds only for its accuracy metrics), so this class is all it needs.
+    """
+
+    CROP_SIZE = 112  # the reference parser's mask crop
+
+    def crop_and_resize(self, boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+        if len(boxes) == 0:
+            return torch.empty(0, mask_size, mask_size, device=boxes.device)
+        masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
+        rois = torch.cat([torch.arange(len(boxes), device=boxes.device)[:, None].float(), boxes], 1)
+        # One bilinear sample per output pixel (sampling_ratio 1), pixel centres at +0.5.
+        crops = roi_align(masks, rois.to(masks.dtype), self.CROP_SIZE, 1.0, 1, aligned=True)
+        return F.interpolate(crops, size=(mask_size, mask_size), mode="bilinear",
+                             align_corners=False)[:, 0]
+
+
+def _with_soft_masks(instances: Instances) -> Instances:
+    """A shallow copy of ``instances`` whose ``gt_masks`` are :class:`SoftBitMasks`
+    (polygons rasterised at the image size first)."""
+    out = Instances(instances.image_size)
+    for name, value in instances.get_fields().items():
+        out.set(name, value)
+    if out.has("gt_masks"):
+        masks = out.gt_masks
+        if isinstance(masks, PolygonMasks):
+            masks = BitMasks.from_polygon_masks(masks, *instances.image_size)
+        out.gt_masks = SoftBitMasks(masks.tensor)
+    return out

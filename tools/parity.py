@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""``make parity``: our ports against the TF Model Garden reference, same weights, float64.
+
+For SpineNet-49/96/143/190 and every DeepMaskHead variant at the reference's
+settings, ``tools/parity_tf.py`` (in ``.venv-tf``) builds the reference's own module,
+randomises every variable (BatchNorm statistics included) and records its outputs;
+this script (in ``.venv``) loads those variables into ours with the package's
+converter (``deepmac_d2.tf_port``: every variable used exactly once, kinds and shapes
+checked), runs the same input in float64, eval and train mode, and prints one table:
+the largest absolute difference per output (relative to the output's scale), the
+BatchNorm moving statistics after the train-mode step, and the trainable /
+non-trainable parameter counts. Exit status 1 on any mismatch. A self-check first
+runs deliberately wrong ports (PyTorch's symmetric padding instead of TF's 'SAME';
+a missing layer) and fails unless the harness catches both.
+
+    python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
+    python tools/parity.py --cases spinenet49,hg52_head
+    python tools/parity.py --ref-dir DIR        # reuse parity_tf.py's output
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import deepmac_d2  # noqa: F401  (registers; installs the detectron2._C stand-in)
+from detectron2.layers import ShapeSpec
+from deepmac_d2.modeling import spinenet as spinenet_module
+from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
+from deepmac_d2.modeling.mask_head import DeepMaskHead
+from deepmac_d2.modeling.spinenet import SpineNet
+from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
+# Same keys as tools/parity_tf.py's HEADS: (variant, num_filters, crop, Keras momentum, eps).
+HEADS = {
+    "default_head": ("default", 256, 14, 0.997, 1e-4),
+    "hg20_head": ("hourglass20", 64, 32, 0.99, 1e-3),
+    "hg52_head": ("hourglass52", 64, 32, 0.99, 1e-3),
+    "hg100_head": ("hourglass100", 64, 32, 0.99, 1e-3),
+}
+CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(HEADS)
+STOCHASTIC_DEPTH = 0.2  # as parity_tf.py: eval only
+# Largest difference allowed, relative to the output's scale (at least 1). Eval mode:
+# float64 rounding through ~200 layers, ~1e-14. Train mode: BatchNorm on batch statistics
+# amplifies rounding where a channel's few values are nearly equal (SpineNet's level 7
+# is 1x1 here: 2 values per channel), and the reference's synchronised BatchNorm
+# computes the variance as E[x^2] - E[x]^2, which loses ~1e-8 relative where the mean
+# is large; a porting error shows at O(1) (see the self-check rows).
+RTOL = {"eval": 1e-9, "train": 1e-6}
+
+
+class _HeadLayers(nn.Module):
+    """DeepMaskHead's network alone (ROI features -> mask logits)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return {"masks": self.head.layers(x)[:, 0]}
+
+
+def build_ours(name):
+    if name.startswith("spinenet"):
+        return SpineNet(name[len("spinenet"):], stochastic_depth_rate=STOCHASTIC_DEPTH, norm="BN")
+    variant, filters, _, momentum, eps = HEADS[name]
+    return _HeadLayers(DeepMaskHead(
+        ShapeSpec(channels=256), num_classes=1, convnet_variant=variant, num_filters=filters,
+        num_convs=4, upsample_factor=2, norm="BN", bn_momentum=1 - momentum, bn_eps=eps,
+    ))
+
+
+def to_ours(name, x):
+    """The reference's input in our layout: NHWC images, or [1, N, H, W, C] ROIs."""
+    x = torch.from_numpy(x)
+    return x.permute(0, 3, 1, 2) if name.startswith("spinenet") else x[0].permute(0, 3, 1, 2)
+
+
+def to_reference(name, key, y):
+    y = y.detach().numpy()
+    return y.transpose(0, 2, 3, 1) if name.startswith("spinenet") else y[None]
+
+
+def max_diff(a, b):
+    return float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
+
+
+def check_case(name, ref, model=None):
+    """Rows ``(case, what, max abs diff, scale, ok)`` for one case."""
+    variables = [(k.split("|", 1)[1], ref[k]) for k in sorted(ref.files) if k.startswith("w")]
+    model = (model or build_ours(name)).double()
+    x = to_ours(name, ref["input"])
+    load_reference_weights(model, variables, (x,))
+    rows = []
+
+    def compare(mode, outputs):
+        for key, y in outputs.items():
+            diff, scale = max_diff(to_reference(name, key, y), ref[f"{mode}|{key}"])
+            rows.append((name, f"{mode} {key}", diff, scale, diff <= RTOL[mode] * max(scale, 1.0)))
+
+    with torch.no_grad():
+        compare("eval", model.eval()(x))
+        for m in model.modules():  # the reference's train-mode model has no drop
+            if isinstance(m, spinenet_module._Block):
+                m.drop_rate = 0.0
+        compare("train", model.train()(x))
+    # Moving statistics after the train-mode step. The head's own BatchNorms are fused
+    # Keras BatchNorms in the reference's float32/bf16 training, whose moving variance
+    # takes the unbiased batch variance as PyTorch's does; float64 cannot run fused (it
+    # falls back to the biased one), so for those only the moving mean is compared.
+    # SpineNet's and the hourglass's are synchronised (never fused, biased variance:
+    # our KerasBatchNorm2d), compared in full.
+    norms = [m for _, m in layers_in_call_order(model, x) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    theirs = [ref[k] for k in sorted(ref.files) if k.startswith("after_train|")]
+    if 2 * len(norms) != len(theirs):
+        rows.append((name, "BN moving statistics after train", float("nan"), 0.0, False))
+    else:
+        diffs = []
+        for i, m in enumerate(norms):
+            diffs.append(max_diff(m.running_mean.numpy(), theirs[2 * i]))
+            if isinstance(m, KerasBatchNorm2d):
+                diffs.append(max_diff(m.running_var.numpy(), theirs[2 * i + 1]))
+        diff, scale = max(d for d, _ in diffs), max(s for _, s in diffs)
+        ok = all(d <= RTOL["train"] * max(s, 1.0) for d, s in diffs)
+        rows.append((name, "BN moving statistics after train", diff, scale, ok))
+    counts = json.loads(str(ref["meta"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    for label, mine, theirs in (("trainable params", trainable, counts["trainable"]),
+                                ("non-trainable params", stats, counts["non_trainable"])):
+        rows.append((name, f"{label} {mine:,} (ref {theirs:,})", abs(mine - theirs), theirs, mine == theirs))
+    return rows
+
+
+def self_check(ref_dir):
+    """Deliberately wrong ports must fail; returns rows (ok = the harness caught it)."""
+    name = "spinenet49"
+    path = Path(ref_dir) / f"{name}.npz"
+    if not path.exists():
+        return [("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, True)]
+    ref = np.load(path)
+    rows = []
+    same = spinenet_module._same_padding
+    # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after.
+    spinenet_module._same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
+    try:
+        caught = not all(r[-1] for r in check_case(name, ref) if r[1].startswith(("eval", "train")))
+    except ConversionError:
+        caught = True
+    finally:
+        spinenet_module._same_padding = same
+    rows.append(("self-check", "wrong port (symmetric padding) fails", 0.0, 0.0, caught))
+    broken = build_ours(name)
+    del broken.endpoints["p7"]  # a port missing a layer the reference has
+    broken._out_levels = broken._out_levels[:-1]
+    try:
+        check_case(name, ref, broken)
+        caught = False
+    except ConversionError:
+        caught = True
+    rows.append(("self-check", "wrong port (missing endpoint) fails", 0.0, 0.0, caught))
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'case':<14} {'check':<56} {'max |diff|':>11} {'max |ref|':>11}  ok")
+    print("-" * 100)
+    for case, what, diff, scale, ok in rows:
+        print(f"{case:<14} {what:<56} {diff:>11.3g} {scale:>11.3g}  {'yes' if ok else 'NO'}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--ref-dir", help="output of tools/parity_tf.py (default: run it now)")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        ref_dir = args.ref_dir
+        if ref_dir is None:
+            if not TF_PYTHON.exists():
+                sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
+            ref_dir = tmp
+            subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--out", ref_dir,
+                            "--cases", ",".join(cases)], check=True)
+        rows = self_check(ref_dir)
+        for name in cases:
+            rows += check_case(name, np.load(os.path.join(ref_dir, f"{name}.npz")))
+            print(f"[parity] {name} compared", flush=True)
+    print_table(rows)
+    bad = [r for r in rows if not r[-1]]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

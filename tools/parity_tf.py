@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The reference side of ``make parity``; runs in ``.venv-tf`` (TensorFlow, tf-models-official).
+
+For each case it builds the reference's own module from tf-models-official in
+float64, sets every variable (BatchNorm moving statistics included) to seeded random
+values, runs a fixed input in eval mode and in train mode, and writes one ``.npz``:
+the variables in creation order (``w00000|<name>``), the input, the outputs
+(``eval|<k>``, ``train|<k>``), the moving statistics after the train-mode call
+(``after_train|...``, same order), and the trainable / non-trainable counts.
+``tools/parity.py`` (in ``.venv``) converts the variables into ours and compares.
+
+    .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head] [--bench]
+
+It imports nothing from deepmac_d2 (which needs torch and Detectron2).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# The cases, shared with tools/parity.py through its own copy of this table's keys.
+SPINENET_IDS = ("49", "96", "143", "190")
+HEADS = {
+    # name: (convnet_variant, num_filters, crop, norm momentum (Keras), eps)
+    "default_head": ("default", 256, 14, 0.997, 1e-4),  # the R50 row's head
+    "hg20_head": ("hourglass20", 64, 32, 0.99, 1e-3),
+    "hg52_head": ("hourglass52", 64, 32, 0.99, 1e-3),  # the SpineNet rows' head
+    "hg100_head": ("hourglass100", 64, 32, 0.99, 1e-3),
+}
+CASES = [f"spinenet{m}" for m in SPINENET_IDS] + list(HEADS)
+SPINENET_INPUT = (2, 128, 128, 3)
+NUM_ROIS, ROI_CHANNELS = 6, 256
+# The SpineNet-143 row's rate; identity in eval, set to 0 for the train-mode
+# comparison (the drop is random).
+STOCHASTIC_DEPTH = 0.2
+
+
+def creation_order(variables):
+    """Variables in the order they were created (the order the converter expects):
+    eager variables carry a global counter in their unique id."""
+    return sorted(variables, key=lambda v: int(re.search(r"(\d+)$", v._unique_id).group(1)))
+
+
+def randomise(variables, rng):
+    for v in variables:
+        kind = v.name.split("/")[-1].split(":")[0]
+        shape = tuple(v.shape)
+        if kind == "kernel":
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        elif kind in ("gamma", "moving_variance"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:  # beta, bias, moving_mean
+            value = 0.1 * rng.standard_normal(shape)
+        v.assign(value.astype(v.dtype.as_numpy_dtype))
+
+
+def build_spinenet(model_id, rate):
+    from official.vision.modeling.backbones import spinenet
+
+    endpoints, scale, alpha, repeats = (
+        spinenet.SCALING_MAP[model_id][k]
+        for k in ("endpoints_num_filters", "filter_size_scale", "resample_alpha", "block_repeats")
+    )
+    return spinenet.SpineNet(
+        input_specs=tf.keras.layers.InputSpec(shape=[None, *SPINENET_INPUT[1:]]),
+        min_level=3, max_level=7, endpoints_num_filters=endpoints, resample_alpha=alpha,
+        block_repeats=repeats, filter_size_scale=scale, init_stochastic_depth_rate=rate,
+        use_sync_bn=True, norm_momentum=0.99, norm_epsilon=1e-3,
+    )
+
+
+def build_head(name):
+    from official.projects.deepmac_maskrcnn.modeling.heads import instance_heads
+
+    variant, filters, crop, momentum, eps = HEADS[name]
+    head = instance_heads.DeepMaskHead(
+        num_classes=1, upsample_factor=2, num_convs=4, num_filters=filters,
+        norm_momentum=momentum, norm_epsilon=eps, class_agnostic=True, convnet_variant=variant,
+    )
+    return head, crop
+
+
+def run_case(name, out_dir, rng, bench):
+    tf.keras.backend.clear_session()
+    tf.keras.backend.set_floatx("float64")
+    if name.startswith("spinenet"):
+        model_id = name[len("spinenet"):]
+        x = rng.standard_normal(SPINENET_INPUT)
+        models = {"eval": build_spinenet(model_id, STOCHASTIC_DEPTH), "train": None}
+
+        def call(model, inp, training):
+            return {f"p{k}": v for k, v in model(inp, training=training).items()}
+    else:
+        head, crop = build_head(name)
+        x = rng.standard_normal((1, NUM_ROIS, crop, crop, ROI_CHANNELS))
+        classes = np.zeros((1, NUM_ROIS), np.int32)
+        models = {"eval": head, "train": None}
+
+        def call(model, inp, training):
+            return {"masks": model([inp, classes], training=training)}
+
+    model = models["eval"]
+    xt = tf.constant(x)
+    call(model, xt, False)  # builds the variables
+    variables = creation_order(model.weights)
+    randomise(variables, rng)
+    record = {"input": x}
+    for i, v in enumerate(variables):
+        record[f"w{i:05d}|{v.name}"] = v.numpy()
+    for k, v in call(model, xt, False).items():
+        record[f"eval|{k}"] = v.numpy()
+    if name.startswith("spinenet"):
+        # Stochastic depth is random: the train-mode comparison runs the same weights
+        # with it off (its own behaviour is tested in tests/test_spinenet.py).
+        train_model = build_spinenet(model_id, 0.0)
+        call(train_model, xt, False)
+        train_vars = creation_order(train_model.weights)
+        for src, dst in zip(variables, train_vars):
+            dst.assign(src)
+        model, variables = train_model, train_vars
+    for k, v in call(model, xt, True).items():
+        record[f"train|{k}"] = v.numpy()
+    for i, v in enumerate(variables):
+        if v.name.split("/")[-1].startswith("moving_"):
+            record[f"after_train|{i:05d}|{v.name}"] = v.numpy()
+    counts = {
+        "trainable": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        "non_trainable": int(sum(np.prod(v.shape) for v in model.non_trainable_weights)),
+    }
+    record["meta"] = np.array(json.dumps(counts))
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
+    print(f"[parity-tf] {name}: {len(variables)} variables, {counts}", flush=True)
+    if bench:
+        benchmark(name, call, model, x, out_dir)
+
+
+def benchmark(name, call, model, x, out_dir, repeats=5):
+    """float32 forward and forward+backward seconds (median of ``repeats``)."""
+    tf.keras.backend.set_floatx("float32")
+    times = {}
+    xt = tf.constant(x.astype(np.float32))
+    model32 = model  # rebuilt in float32 below
+    if name.startswith("spinenet"):
+        model32 = build_spinenet(name[len("spinenet"):], 0.0)
+    else:
+        model32, _ = build_head(name)
+    call(model32, xt, True)
+
+    def fwd():
+        return call(model32, xt, True)
+
+    def fwd_bwd():
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_mean(v) for v in call(model32, xt, True).values()])
+        return tape.gradient(loss, model32.trainable_weights)
+
+    for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        times[label] = float(np.median(samples))
+    with open(os.path.join(out_dir, f"{name}.bench.json"), "w") as f:
+        json.dump({"input": list(x.shape), "seconds": times}, f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bench", action="store_true", help="also time forward / forward+backward (float32)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
+    rng = np.random.default_rng(args.seed)
+    for name in cases:
+        run_case(name, args.out, rng, args.bench)
+
+
+if __name__ == "__main__":
+    main()

@@ -121,7 +121,8 @@ def make_partial_annotations(
         masks_for: category ids that keep their masks (see :func:`parse_masks_for`);
             None keeps every class's.
         drop_mask_fraction: in [0, 1]: of each class's masks that are kept by
-            ``masks_for``, remove round(fraction x count), chosen by ``seed``.
+            ``masks_for``, remove round(fraction x count) (Python's round: halves to
+            even, 2.5 -> 2), chosen by ``seed``.
         seed: the generator's seed; same input and arguments, same output.
     """
     if not 0.0 <= drop_mask_fraction <= 1.0:

@@ -48,7 +48,7 @@ def polygons_box(polygons):
 
 def instance(rng, h, w):
     """One or two star polygons (a split instance) inside an h x w image."""
-    radius = rng.uniform(0.15, 0.3) * min(h, w)
+    radius = rng.uniform(0.25, 0.42) * min(h, w)  # large: even a barely trained detector overlaps some
     cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
     polygons = [star_polygon(rng, cx, cy, radius)]
     if rng.uniform() < 0.3:  # a second part, as an occluded COCO object has

@@ -10,6 +10,7 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks
 
 from ..config import add_deepmac_config
 from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_dependencies
+from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
 
@@ -58,7 +59,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=InstanceMaskDatasetMapper(cfg, is_train=True))
+        return build_detection_train_loader(
+            cfg, mapper=InstanceMaskDatasetMapper(cfg, is_train=True), dataset=training_dataset_dicts(cfg)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -56,7 +56,9 @@ class KerasBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x):
-        if not (self.training and self.track_running_stats) or self.momentum is None:
+        if not (self.training and self.track_running_stats) or self.momentum is None or x.numel() == 0:
+            # An empty batch (no ROI trains the mask head) has no statistics: PyTorch's
+            # BatchNorm leaves the running ones alone, the update below would divide by 0.
             return super().forward(x)
         self._check_input_dim(x)
         # PyTorch's update, on copies (autograd keeps them for the backward pass).

@@ -51,8 +51,9 @@ def add_deepmac_config(cfg):
     # SpineNet backbone (MODEL.BACKBONE.NAME "build_spinenet_backbone"); TF Model
     # Garden's backbone.spinenet. Outputs p{MIN_LEVEL}..p{MAX_LEVEL}, strides 2^level.
     cfg.MODEL.SPINENET = CN()
-    # "49", "96", "143", "190" (also "49S", "143L"): the reference's model_id.
-    cfg.MODEL.SPINENET.MODEL_ID = "49"
+    # 49, 96, 143 or 190: the reference's model_id (an int, as yacs reads "143" as one;
+    # "49S" and "143L" are built from Python: SpineNet("143L")).
+    cfg.MODEL.SPINENET.MODEL_ID = 49
     cfg.MODEL.SPINENET.MIN_LEVEL = 3
     cfg.MODEL.SPINENET.MAX_LEVEL = 7
     # Block i of 16 drops its residual branches (per sample, training only) with

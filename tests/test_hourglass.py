@@ -157,3 +157,28 @@ def test_empty_batch():
     assert out.shape == (0, 8, 14, 14)
     out.sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_batchnorm_moving_variance_is_the_biased_batch_variance():
+    """The reference's (synchronised, non-fused) BatchNorm moves towards the biased batch
+    variance. At Hourglass-52's 1x1 bottleneck the batch is the ROIs: with 2 of them,
+    PyTorch's unbiased variance would be twice as large."""
+    net = hg.hourglass52(8, 4)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is hg.KerasBatchNorm2d for m in norms)
+
+    torch.manual_seed(0)
+    block = hg.ConvBlock(3, 4, kernel_size=1).train()
+    x = torch.randn(2, 3, 1, 1)
+    y = block(x)
+    z = block[0](x).detach().numpy()
+    mean, var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))  # numpy: ddof 0, biased
+    bn = block[1]
+    # Keras momentum 0.1: the moving average keeps 10% of its old value (0 and 1).
+    torch.testing.assert_close(bn.running_mean, torch.from_numpy(0.9 * mean))
+    torch.testing.assert_close(bn.running_var, torch.from_numpy(0.1 + 0.9 * var))
+    # The normalisation itself is unchanged: batch statistics, biased, eps 1e-5.
+    expected = (z - mean[:, None, None]) / (var[:, None, None] + 1e-5) ** 0.5
+    torch.testing.assert_close(y, torch.from_numpy(expected).float().clamp(min=0), rtol=1e-4, atol=1e-5)
+    y.sum().backward()  # the buffers' update leaves autograd's saved tensors alone
+    assert block[0].weight.grad is not None

@@ -5,7 +5,9 @@ TF figures: shared/reference/tf_mask_head_params.md (TF Model Garden DeepMaskHea
 as the independent check; our counts must equal them.
 """
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,9 +18,10 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_inference
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from deepmac_d2.modeling import CONVNET_VARIANTS, DeepMaskHead
+from deepmac_d2.modeling.mask_head import SoftBitMasks, _with_soft_masks
 
 VARIANTS = ["default", "hourglass10", "hourglass20", "hourglass32", "hourglass52", "hourglass100"]
 
@@ -255,3 +258,89 @@ def test_tiny_mask_rcnn_image_without_instances():
     assert losses["loss_mask"].item() == 0
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.roi_heads.mask_head.parameters())
+
+
+def config_head(config_file):
+    cfg = get_cfg()
+    deepmac_d2.add_deepmac_config(cfg)
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", config_file))
+    return build_mask_head(cfg, ShapeSpec(channels=16, height=14, width=14))
+
+
+@pytest.mark.parametrize(
+    "config_file, momentum, eps",
+    # The R50/R101 yamls keep the Model Garden's norm_activation (Keras 0.997, 1e-4);
+    # the SpineNet yamls set 0.99 / 1e-3.
+    [("voc_r50.yaml", 0.003, 1e-4), ("voc_r101_hg52.yaml", 0.003, 1e-4),
+     ("voc_spinenet143_hg52.yaml", 0.01, 1e-3)],
+)
+def test_head_batchnorm_settings_per_recipe(config_file, momentum, eps):
+    head = config_head(config_file)
+    own = [head.deconv_norm]
+    if head.convnet.__class__ is nn.Sequential:  # default variant: its convs' norms too
+        own += [m for m in head.convnet if isinstance(m, nn.BatchNorm2d)]
+    assert len(own) == (5 if len(own) > 1 else 1)
+    for m in own:
+        assert m.momentum == pytest.approx(momentum) and m.eps == pytest.approx(eps)
+    # The hourglass keeps its own (Keras 0.1 / 1e-5) whatever the recipe.
+    hourglass = [m for m in head.convnet.modules() if isinstance(m, nn.BatchNorm2d)]
+    if head.convnet.__class__ is not nn.Sequential:
+        assert hourglass and all(m.momentum == 0.9 and m.eps == 1e-5 for m in hourglass)
+
+
+def soft_target_case():
+    """One 8x8 image whose mask covers columns 0..3; the box spans x 2 to 7.5."""
+    inst = Instances((8, 8))
+    inst.proposal_boxes = Boxes(torch.tensor([[2.0, 0.0, 7.5, 8.0]]))
+    inst.gt_classes = torch.tensor([0])
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[:, :, :4] = True
+    inst.gt_masks = BitMasks(mask)
+    return inst
+
+
+def reference_soft_target(side):
+    """By hand: the crop's 112 bilinear samples along x, then a bilinear resize to ``side``."""
+    # Sample i of 112 over x in [2, 7.5] sits at 2 + (i + 0.5) * 5.5 / 112 in image
+    # coordinates, pixel index u = that - 0.5; the mask is 1 up to u = 3, 0 from u = 4.
+    u = 2 + (np.arange(112) + 0.5) * 5.5 / 112 - 0.5
+    crop = np.clip(4 - u, 0, 1)
+    # Resize 112 -> side with half-pixel centres (align_corners False), edges clamped.
+    src = np.clip((np.arange(side) + 0.5) * 112 / side - 0.5, 0, 111)
+    row = np.interp(src, np.arange(112), crop)
+    return np.tile(row, (side, 1))
+
+
+def test_soft_mask_targets_as_reference():
+    inst = soft_target_case()
+    soft = SoftBitMasks(inst.gt_masks.tensor).crop_and_resize(inst.proposal_boxes.tensor, 28)[0]
+    expected = reference_soft_target(28)
+    assert ((expected > 0) & (expected < 1)).any()  # soft: values strictly between 0 and 1
+    np.testing.assert_allclose(soft.numpy(), expected, atol=1e-5)
+
+    # Through the head's loss: constant logits c give BCE = softplus(c) - c * mean(target).
+    c = 0.7
+    for soft_targets, target_mean in ((True, expected.mean()), (False, None)):
+        head = make_head("default", num_filters=8, crop=14, soft_targets=soft_targets).train()
+        nn.init.zeros_(head.predictor.weight)
+        nn.init.constant_(head.predictor.bias, c)
+        with EventStorage():
+            loss = head(torch.randn(1, 16, 14, 14), [soft_target_case()])["loss_mask"].item()
+        if soft_targets:
+            assert loss == pytest.approx(math.log1p(math.exp(c)) - c * target_mean, rel=1e-5)
+        else:
+            # Default: Detectron2's binarised targets, unchanged.
+            binary = inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, 28).float().mean().item()
+            assert loss == pytest.approx(math.log1p(math.exp(c)) - c * binary, rel=1e-5)
+            assert binary != pytest.approx(expected.mean(), rel=1e-3)
+
+
+def test_soft_targets_from_polygons_and_config():
+    cfg = get_cfg()
+    deepmac_d2.add_deepmac_config(cfg)
+    assert cfg.MODEL.ROI_MASK_HEAD.SOFT_TARGETS is False  # default unchanged
+    inst = soft_target_case()
+    inst.gt_masks = PolygonMasks([[np.array([0.0, 0.0, 4.0, 0.0, 4.0, 8.0, 0.0, 8.0])]])
+    soft = _with_soft_masks(inst).gt_masks.crop_and_resize(inst.proposal_boxes.tensor, 28)[0]
+    np.testing.assert_allclose(soft.numpy(), reference_soft_target(28), atol=1e-5)
+    assert isinstance(inst.gt_masks, PolygonMasks)  # the caller's instances are untouched

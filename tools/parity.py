@@ -10,14 +10,16 @@ checked), runs the same input in float64, eval and train mode, and prints one ta
 the largest absolute difference per output (relative to the output's scale), the
 BatchNorm moving statistics after the train-mode step, and the trainable /
 non-trainable parameter counts. Exit status 1 on any mismatch. A self-check first
-runs deliberately wrong ports (PyTorch's symmetric padding instead of TF's 'SAME';
-a missing layer) and fails unless the harness catches both.
+runs deliberately wrong ports (PyTorch's symmetric padding instead of TF's 'SAME'; a
+missing layer; the hourglass with PyTorch's unbiased BatchNorm variance) and fails
+unless the harness catches each.
 
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
     python tools/parity.py --ref-dir DIR        # reuse parity_tf.py's output
 """
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -49,11 +51,10 @@ HEADS = {
 CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(HEADS)
 STOCHASTIC_DEPTH = 0.2  # as parity_tf.py: eval only
 # Largest difference allowed, relative to the output's scale (at least 1). Eval mode:
-# float64 rounding through ~200 layers, ~1e-14. Train mode: BatchNorm on batch statistics
-# amplifies rounding where a channel's few values are nearly equal (SpineNet's level 7
-# is 1x1 here: 2 values per channel), and the reference's synchronised BatchNorm
-# computes the variance as E[x^2] - E[x]^2, which loses ~1e-8 relative where the mean
-# is large; a porting error shows at O(1) (see the self-check rows).
+# float64 rounding through ~200 layers, ~1e-14. Train mode: besides the conditioning test
+# in check_case, the reference's synchronised BatchNorm computes the variance as
+# E[x^2] - E[x]^2, which loses ~1e-8 relative where the mean is large. A porting error
+# shows at O(1) (see the self-check rows).
 RTOL = {"eval": 1e-9, "train": 1e-6}
 
 
@@ -93,50 +94,78 @@ def max_diff(a, b):
     return float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
 
 
+def _moving_statistics(model, x):
+    """Our BatchNorm moving statistics in call order, as (mean, var or None) pairs.
+
+    The head's own BatchNorms are fused Keras BatchNorms in the reference's float32/bf16
+    training, whose moving variance takes the unbiased batch variance as PyTorch's does;
+    float64 cannot run fused (Keras falls back to the biased one), so for those only the
+    moving mean is compared. SpineNet's and the hourglass's are synchronised (never fused,
+    biased variance: our KerasBatchNorm2d) and compared in full.
+    """
+    norms = [m for _, m in layers_in_call_order(model, x) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [(m.running_mean.numpy().copy(),
+             m.running_var.numpy().copy() if isinstance(m, KerasBatchNorm2d) else None) for m in norms]
+
+
+def _train_step(model, x):
+    for m in model.modules():  # the reference's train-mode model has no drop (it is random)
+        if isinstance(m, spinenet_module._Block):
+            m.drop_rate = 0.0
+    with torch.no_grad():
+        outputs = model.train()(x)
+    return outputs, _moving_statistics(model, x)
+
+
 def check_case(name, ref, model=None):
-    """Rows ``(case, what, max abs diff, scale, ok)`` for one case."""
+    """Rows ``(case, what, max abs diff, scale, own sensitivity, ok)`` for one case.
+
+    Train mode is judged against its own conditioning: BatchNorm on batch statistics
+    amplifies rounding wherever a channel's few values nearly coincide (SpineNet's level 7
+    is 1x1 at this input size: 2 values per channel, through 3 convs per block and up to
+    4 blocks per level in SpineNet-190). So we also run our port on the input changed by
+    1e-13 (relative): a difference from the reference within 10x of how far that moves
+    our own output is rounding, not porting; a porting error is O(1) at every output.
+    """
     variables = [(k.split("|", 1)[1], ref[k]) for k in sorted(ref.files) if k.startswith("w")]
     model = (model or build_ours(name)).double()
     x = to_ours(name, ref["input"])
     load_reference_weights(model, variables, (x,))
+    twin = copy.deepcopy(model)
     rows = []
-
-    def compare(mode, outputs):
-        for key, y in outputs.items():
-            diff, scale = max_diff(to_reference(name, key, y), ref[f"{mode}|{key}"])
-            rows.append((name, f"{mode} {key}", diff, scale, diff <= RTOL[mode] * max(scale, 1.0)))
-
     with torch.no_grad():
-        compare("eval", model.eval()(x))
-        for m in model.modules():  # the reference's train-mode model has no drop
-            if isinstance(m, spinenet_module._Block):
-                m.drop_rate = 0.0
-        compare("train", model.train()(x))
-    # Moving statistics after the train-mode step. The head's own BatchNorms are fused
-    # Keras BatchNorms in the reference's float32/bf16 training, whose moving variance
-    # takes the unbiased batch variance as PyTorch's does; float64 cannot run fused (it
-    # falls back to the biased one), so for those only the moving mean is compared.
-    # SpineNet's and the hourglass's are synchronised (never fused, biased variance:
-    # our KerasBatchNorm2d), compared in full.
-    norms = [m for _, m in layers_in_call_order(model, x) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for key, y in model.eval()(x).items():
+            diff, scale = max_diff(to_reference(name, key, y), ref[f"eval|{key}"])
+            rows.append((name, f"eval {key}", diff, scale, float("nan"), diff <= RTOL["eval"] * max(scale, 1.0)))
+    outputs, stats = _train_step(model, x)
+    noise = torch.from_numpy(np.random.default_rng(1).standard_normal(tuple(x.shape)))
+    twin_outputs, twin_stats = _train_step(twin, x * (1 + 1e-13 * noise))
+
+    def judge(what, ours, theirs, own):
+        diff, scale = max_diff(ours, theirs)
+        sensitivity = max_diff(ours, own)[0]
+        ok = diff <= max(RTOL["train"] * max(scale, 1.0), 10 * sensitivity)
+        rows.append((name, what, diff, scale, sensitivity, ok))
+
+    for key, y in outputs.items():
+        judge(f"train {key}", to_reference(name, key, y), ref[f"train|{key}"],
+              to_reference(name, key, twin_outputs[key]))
     theirs = [ref[k] for k in sorted(ref.files) if k.startswith("after_train|")]
-    if 2 * len(norms) != len(theirs):
-        rows.append((name, "BN moving statistics after train", float("nan"), 0.0, False))
+    if 2 * len(stats) != len(theirs):
+        rows.append((name, "BN moving statistics after train", float("nan"), 0.0, float("nan"), False))
     else:
-        diffs = []
-        for i, m in enumerate(norms):
-            diffs.append(max_diff(m.running_mean.numpy(), theirs[2 * i]))
-            if isinstance(m, KerasBatchNorm2d):
-                diffs.append(max_diff(m.running_var.numpy(), theirs[2 * i + 1]))
-        diff, scale = max(d for d, _ in diffs), max(s for _, s in diffs)
-        ok = all(d <= RTOL["train"] * max(s, 1.0) for d, s in diffs)
-        rows.append((name, "BN moving statistics after train", diff, scale, ok))
+        pick = [(i, j) for i, pair in enumerate(stats) for j in (0, 1) if pair[j] is not None]
+        judge("BN moving statistics after train",
+              np.concatenate([stats[i][j] for i, j in pick]),
+              np.concatenate([theirs[2 * i + j] for i, j in pick]),
+              np.concatenate([twin_stats[i][j] for i, j in pick]))
     counts = json.loads(str(ref["meta"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
     for label, mine, theirs in (("trainable params", trainable, counts["trainable"]),
                                 ("non-trainable params", stats, counts["non_trainable"])):
-        rows.append((name, f"{label} {mine:,} (ref {theirs:,})", abs(mine - theirs), theirs, mine == theirs))
+        rows.append((name, f"{label} {mine:,} (ref {theirs:,})", abs(mine - theirs), theirs, float("nan"),
+                     mine == theirs))
     return rows
 
 
@@ -145,7 +174,7 @@ def self_check(ref_dir):
     name = "spinenet49"
     path = Path(ref_dir) / f"{name}.npz"
     if not path.exists():
-        return [("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, True)]
+        return [("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, float("nan"), True)]
     ref = np.load(path)
     rows = []
     same = spinenet_module._same_padding
@@ -157,7 +186,7 @@ def self_check(ref_dir):
         caught = True
     finally:
         spinenet_module._same_padding = same
-    rows.append(("self-check", "wrong port (symmetric padding) fails", 0.0, 0.0, caught))
+    rows.append(("self-check", "wrong port (symmetric padding) fails", 0.0, 0.0, float("nan"), caught))
     broken = build_ours(name)
     del broken.endpoints["p7"]  # a port missing a layer the reference has
     broken._out_levels = broken._out_levels[:-1]
@@ -166,15 +195,28 @@ def self_check(ref_dir):
         caught = False
     except ConversionError:
         caught = True
-    rows.append(("self-check", "wrong port (missing endpoint) fails", 0.0, 0.0, caught))
+    rows.append(("self-check", "wrong port (missing endpoint) fails", 0.0, 0.0, float("nan"), caught))
+    path = Path(ref_dir) / "hg20_head.npz"
+    if path.exists():
+        # PyTorch's own BatchNorm in the hourglass: unbiased moving variance.
+        keras_forward = KerasBatchNorm2d.forward
+        KerasBatchNorm2d.forward = nn.BatchNorm2d.forward
+        try:
+            rows_bn = check_case("hg20_head", np.load(path))
+        finally:
+            KerasBatchNorm2d.forward = keras_forward
+        caught = not all(r[-1] for r in rows_bn if r[1].startswith("BN moving"))
+        rows.append(("self-check", "wrong port (unbiased hourglass BN variance) fails", 0.0, 0.0,
+                     float("nan"), caught))
     return rows
 
 
 def print_table(rows):
-    print(f"\n{'case':<14} {'check':<56} {'max |diff|':>11} {'max |ref|':>11}  ok")
+    print(f"\n{'case':<13} {'check':<50} {'max |diff|':>10} {'max |ref|':>10} {'own sens.':>10}  ok")
     print("-" * 100)
-    for case, what, diff, scale, ok in rows:
-        print(f"{case:<14} {what:<56} {diff:>11.3g} {scale:>11.3g}  {'yes' if ok else 'NO'}")
+    for case, what, diff, scale, sensitivity, ok in rows:
+        sens = "" if np.isnan(sensitivity) else f"{sensitivity:.3g}"
+        print(f"{case:<13} {what:<50} {diff:>10.3g} {scale:>10.3g} {sens:>10}  {'yes' if ok else 'NO'}")
 
 
 def main():

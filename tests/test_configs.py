@@ -46,6 +46,8 @@ def test_the_expected_configs_exist():
         "voc_r101_hg52.yaml",
         "nonvoc_r50_hg52.yaml",
         "nonvoc_r101_hg52.yaml",
+        "voc_spinenet143_hg52.yaml",
+        "nonvoc_spinenet143_hg52.yaml",
     }
 
 
@@ -60,9 +62,15 @@ def test_config_builds_the_model_it_names(name):
     assert model.roi_heads.mask_use_gt_boxes and head.CLS_AGNOSTIC_MASK
     assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
 
-    depth = 101 if "r101" in name else 50
-    assert cfg.MODEL.RESNETS.DEPTH == depth
-    assert cfg.MODEL.WEIGHTS == f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl"
+    if "spinenet" in name:
+        # From scratch, as the reference; SpineNet-143 on P3..P7.
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.SPINENET.MODEL_ID == 143
+        assert type(model.backbone).__name__ == "SpineNet"
+        assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    else:
+        depth = 101 if "r101" in name else 50
+        assert cfg.MODEL.RESNETS.DEPTH == depth
+        assert cfg.MODEL.WEIGHTS == f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl"
 
     variant = "hourglass52" if "hg52" in name else "default"
     assert head.CONVNET_VARIANT == variant

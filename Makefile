@@ -3,13 +3,16 @@ PY ?= python3
 VENV := .venv/bin/python
 VENV_XLA := .venv-xla/bin/python
 
-.PHONY: setup setup-xla test test-main test-xla demo clean
+.PHONY: setup setup-xla setup-tf test test-main test-xla demo parity clean
 
 setup:
 	$(PY) tools/setup_env.py
 
 setup-xla:
 	$(PY) tools/setup_env.py --xla
+
+setup-tf:
+	$(PY) tools/setup_env.py --tf
 
 # The main suite, then the XLA smoke tests in their own environment (PJRT on CPU).
 test: setup setup-xla
@@ -27,5 +30,11 @@ test-xla: setup-xla
 demo: setup
 	$(VENV) tools/demo.py
 
+# Our ports (SpineNet-49..190, every DeepMaskHead variant) against the TF Model Garden
+# reference with the same weights, float64, eval and train mode: one table, exit 1 on a
+# mismatch (tools/parity.py; .venv-tf runs the reference; ~10 min on 2 cores).
+parity: setup setup-tf
+	$(VENV) tools/parity.py
+
 clean:
-	rm -rf .venv .venv-xla .deps output
+	rm -rf .venv .venv-xla .venv-tf .deps output

@@ -3,6 +3,7 @@
 
     python tools/setup_env.py            # .venv:     torch 2.14.1, Detectron2, the project
     python tools/setup_env.py --xla      # .venv-xla: torch 2.9.0 + torch-xla 2.9.0, Detectron2, the project
+    python tools/setup_env.py --tf       # .venv-tf:  the TF Model Garden reference (make parity)
 
 Detectron2 is not on PyPI, so it comes from one of two routes, picked by the
 environment variable D2_SOURCE:
@@ -282,13 +283,57 @@ def setup(env, force=False):
     say(f"{venv.name} ready in {time.time() - t0:.0f}s (Detectron2 from the {route} route)")
 
 
+# The TF Model Garden reference for tools/parity_tf.py (make parity): TensorFlow alone,
+# no torch, no Detectron2, no project. tf-models-official 2.20 pins TF 2.20, whose wheels
+# the index lacks; 2.21 runs it, so it goes in without its dependencies, then the ones
+# the reference's SpineNet and DeepMaskHead import.
+TF_ENV = ROOT / ".venv-tf"
+TF_PACKAGES = ["tensorflow-cpu==2.21.0", "tf-keras==2.21.0"]
+TF_MODELS = "tf-models-official==2.20.0"
+TF_MODELS_REQUIRES = [
+    "pyyaml", "gin-config", "tensorflow-datasets", "scipy", "pycocotools", "Pillow",
+    "opencv-python-headless", "matplotlib",
+]
+
+
+def setup_tf(force=False):
+    py = TF_ENV / "bin" / "python"
+    stamp = TF_ENV / ".deepmac-setup.json"
+    inputs = hashlib.sha256(json.dumps([TF_PACKAGES, TF_MODELS, TF_MODELS_REQUIRES]).encode()).hexdigest()
+    if stamp.exists() and py.exists() and not force:
+        if json.loads(stamp.read_text()).get("inputs") == inputs:
+            say(f"{TF_ENV.name} is up to date; nothing to do. Use --force to redo it.")
+            return
+    if sys.version_info[:2] != (3, 11):
+        raise SetupError(f"Python 3.11 is required, this is {sys.version.split()[0]}; "
+                         "run this script with python3.11.")
+    t0 = time.time()
+    check_index()
+    if not py.exists():
+        run([sys.executable, "-m", "venv", TF_ENV])
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    run(pip + ["install", "--upgrade", "pip", "wheel", "setuptools<81"])
+    run(pip + ["install"] + TF_PACKAGES)
+    run(pip + ["install", "--no-deps", TF_MODELS])
+    run(pip + ["install"] + TF_MODELS_REQUIRES)
+    run([py, "-c", "import os; os.environ['TF_USE_LEGACY_KERAS'] = '1'; "
+         "import official.vision.modeling.backbones.spinenet, "
+         "official.projects.deepmac_maskrcnn.modeling.heads.instance_heads"])
+    stamp.write_text(json.dumps({"env": "tf", "inputs": inputs, "python": sys.version.split()[0]}))
+    say(f"{TF_ENV.name} ready in {time.time() - t0:.0f}s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xla", action="store_true", help="set up .venv-xla (torch-xla) instead of .venv")
+    ap.add_argument("--tf", action="store_true", help="set up .venv-tf (the TF reference, make parity)")
     ap.add_argument("--force", action="store_true", help="redo every step even if the stamp matches")
     args = ap.parse_args()
     try:
-        setup("xla" if args.xla else "main", force=args.force)
+        if args.tf:
+            setup_tf(force=args.force)
+        else:
+            setup("xla" if args.xla else "main", force=args.force)
     except SetupError as e:
         print(f"[setup] ERROR: {e}", file=sys.stderr)
         sys.exit(1)

@@ -235,6 +235,12 @@ def stamp_inputs(env, route):
     return {"env": env, "route": route, "inputs": h.hexdigest(), "python": sys.version.split()[0]}
 
 
+def check_python():
+    if sys.version_info[:2] != (3, 11):
+        raise SetupError(f"Python 3.11 is required, this is {sys.version.split()[0]}; "
+                         "run this script with python3.11.")
+
+
 def setup(env, force=False):
     spec = ENVS[env]
     venv = spec["dir"]
@@ -247,9 +253,7 @@ def setup(env, force=False):
             say(f"{venv.name} is up to date (Detectron2 from the {done['route']} route); "
                 "nothing to do. Use --force to redo it.")
             return
-    if sys.version_info[:2] != (3, 11):
-        raise SetupError(f"Python 3.11 is required, this is {sys.version.split()[0]}; "
-                         "run this script with python3.11.")
+    check_python()
     t0 = time.time()
     check_index()
     route = choose_d2_route()
@@ -304,9 +308,7 @@ def setup_tf(force=False):
         if json.loads(stamp.read_text()).get("inputs") == inputs:
             say(f"{TF_ENV.name} is up to date; nothing to do. Use --force to redo it.")
             return
-    if sys.version_info[:2] != (3, 11):
-        raise SetupError(f"Python 3.11 is required, this is {sys.version.split()[0]}; "
-                         "run this script with python3.11.")
+    check_python()
     t0 = time.time()
     check_index()
     if not py.exists():

@@ -20,6 +20,7 @@ from detectron2.utils import comm
 __all__ = [
     "KerasBatchNorm2d",
     "norm_layer",
+    "conv_norm_relu",
     "ConvBlock",
     "ResidualBlock",
     "InputBlock",
@@ -96,6 +97,19 @@ def norm_layer(norm, channels, eps, momentum, biased_variance=False):
     return layer
 
 
+def conv_norm_relu(conv, norm, eps, momentum, relu=True):
+    """``[conv, norm, ReLU]``, the references' conv / synchronised BN / activation triple:
+    the norm from :func:`norm_layer` with the biased moving variance; none for norm "",
+    no ReLU without ``relu``."""
+    layers = [conv]
+    norm_module = norm_layer(norm, conv.out_channels, eps, momentum, biased_variance=True)
+    if norm_module is not None:
+        layers.append(norm_module)
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
 class ConvBlock(nn.Sequential):
     """Conv (no bias: the norm's shift replaces it) + norm + optional ReLU.
 
@@ -105,17 +119,10 @@ class ConvBlock(nn.Sequential):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, relu=True, norm="BN"):
-        layers = [
-            nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False
-            )
-        ]
-        norm_module = norm_layer(norm, out_channels, BN_EPS, BN_MOMENTUM, biased_variance=True)
-        if norm_module is not None:
-            layers.append(norm_module)
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False
+        )
+        super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
 
 
 class ResidualBlock(nn.Module):

@@ -22,7 +22,7 @@ from torchvision.ops import stochastic_depth
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .hourglass import norm_layer
+from .hourglass import conv_norm_relu
 
 __all__ = ["SpineNet", "build_spinenet_backbone", "SCALING_MAP", "BLOCK_SPECS"]
 
@@ -98,13 +98,8 @@ class ConvNorm(nn.Sequential):
     """Conv (no bias) + norm (+ ReLU): the reference's conv/BN/activation triple."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True, norm="BN"):
-        layers = [Conv2dSame(in_channels, out_channels, kernel_size, stride)]
-        norm_module = norm_layer(norm, out_channels, BN_EPS, BN_MOMENTUM, biased_variance=True)
-        if norm_module is not None:
-            layers.append(norm_module)
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+        conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
+        super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
 
 
 class _Block(nn.Module):

@@ -50,6 +50,7 @@ HEADS = {
 }
 CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(HEADS)
 STOCHASTIC_DEPTH = 0.2  # as parity_tf.py: eval only
+SELF_CHECK_CASES = ("spinenet49", "hg20_head")
 # Largest difference allowed, relative to the output's scale (at least 1). Eval mode:
 # float64 rounding through ~200 layers, ~1e-14. Train mode: besides the conditioning test
 # in check_case, the reference's synchronised BatchNorm computes the variance as
@@ -197,7 +198,9 @@ def self_check(ref_dir):
         caught = True
     rows.append(("self-check", "wrong port (missing endpoint) fails", 0.0, 0.0, float("nan"), caught))
     path = Path(ref_dir) / "hg20_head.npz"
-    if path.exists():
+    if not path.exists():
+        rows.append(("self-check", "skipped: hg20_head not among the cases", 0.0, 0.0, float("nan"), True))
+    else:
         # PyTorch's own BatchNorm in the hourglass: unbiased moving variance.
         keras_forward = KerasBatchNorm2d.forward
         KerasBatchNorm2d.forward = nn.BatchNorm2d.forward
@@ -235,8 +238,10 @@ def main():
             if not TF_PYTHON.exists():
                 sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
             ref_dir = tmp
+            # The self-check's wrong ports need these two cases whatever --cases says.
+            tf_cases = cases + [c for c in SELF_CHECK_CASES if c not in cases]
             subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--out", ref_dir,
-                            "--cases", ",".join(cases)], check=True)
+                            "--cases", ",".join(tf_cases)], check=True)
         rows = self_check(ref_dir)
         for name in cases:
             rows += check_case(name, np.load(os.path.join(ref_dir, f"{name}.npz")))

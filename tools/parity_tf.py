@@ -9,7 +9,7 @@ the variables in creation order (``w00000|<name>``), the input, the outputs
 (``after_train|...``, same order), and the trainable / non-trainable counts.
 ``tools/parity.py`` (in ``.venv``) converts the variables into ours and compares.
 
-    .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head] [--bench]
+    .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head]
 
 It imports nothing from deepmac_d2 (which needs torch and Detectron2).
 """
@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-# The cases, shared with tools/parity.py through its own copy of this table's keys.
+# The cases; tools/parity.py keeps the same table (it cannot import this file's TF).
 SPINENET_IDS = ("49", "96", "143", "190")
 HEADS = {
     # name: (convnet_variant, num_filters, crop, norm momentum (Keras), eps)
@@ -88,13 +87,13 @@ def build_head(name):
     return head, crop
 
 
-def run_case(name, out_dir, rng, bench):
+def run_case(name, out_dir, rng):
     tf.keras.backend.clear_session()
     tf.keras.backend.set_floatx("float64")
     if name.startswith("spinenet"):
         model_id = name[len("spinenet"):]
         x = rng.standard_normal(SPINENET_INPUT)
-        models = {"eval": build_spinenet(model_id, STOCHASTIC_DEPTH), "train": None}
+        model = build_spinenet(model_id, STOCHASTIC_DEPTH)
 
         def call(model, inp, training):
             return {f"p{k}": v for k, v in model(inp, training=training).items()}
@@ -102,12 +101,11 @@ def run_case(name, out_dir, rng, bench):
         head, crop = build_head(name)
         x = rng.standard_normal((1, NUM_ROIS, crop, crop, ROI_CHANNELS))
         classes = np.zeros((1, NUM_ROIS), np.int32)
-        models = {"eval": head, "train": None}
+        model = head
 
         def call(model, inp, training):
             return {"masks": model([inp, classes], training=training)}
 
-    model = models["eval"]
     xt = tf.constant(x)
     call(model, xt, False)  # builds the variables
     variables = creation_order(model.weights)
@@ -138,40 +136,6 @@ def run_case(name, out_dir, rng, bench):
     record["meta"] = np.array(json.dumps(counts))
     np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
     print(f"[parity-tf] {name}: {len(variables)} variables, {counts}", flush=True)
-    if bench:
-        benchmark(name, call, model, x, out_dir)
-
-
-def benchmark(name, call, model, x, out_dir, repeats=5):
-    """float32 forward and forward+backward seconds (median of ``repeats``)."""
-    tf.keras.backend.set_floatx("float32")
-    times = {}
-    xt = tf.constant(x.astype(np.float32))
-    model32 = model  # rebuilt in float32 below
-    if name.startswith("spinenet"):
-        model32 = build_spinenet(name[len("spinenet"):], 0.0)
-    else:
-        model32, _ = build_head(name)
-    call(model32, xt, True)
-
-    def fwd():
-        return call(model32, xt, True)
-
-    def fwd_bwd():
-        with tf.GradientTape() as tape:
-            loss = tf.add_n([tf.reduce_mean(v) for v in call(model32, xt, True).values()])
-        return tape.gradient(loss, model32.trainable_weights)
-
-    for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        fn()
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        times[label] = float(np.median(samples))
-    with open(os.path.join(out_dir, f"{name}.bench.json"), "w") as f:
-        json.dump({"input": list(x.shape), "seconds": times}, f)
 
 
 def main():
@@ -179,7 +143,6 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bench", action="store_true", help="also time forward / forward+backward (float32)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cases = args.cases.split(",")
@@ -188,7 +151,7 @@ def main():
         sys.exit(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
     rng = np.random.default_rng(args.seed)
     for name in cases:
-        run_case(name, args.out, rng, args.bench)
+        run_case(name, args.out, rng)
 
 
 if __name__ == "__main__":

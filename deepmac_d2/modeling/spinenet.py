@@ -207,12 +207,13 @@ class SpineNet(Backbone):
     1x1 conv + norm + ReLU endpoint per output level.
 
     Args:
-        model_id: key of :data:`SCALING_MAP` ("49", "96", "143", "190", ...).
+        model_id: key of :data:`SCALING_MAP` ("49", "96", "143", "190", "49S", "143L"; an
+            int is read as its string).
         min_level, max_level: output levels (2..7); outputs are named ``p{level}``.
         stochastic_depth_rate: the reference's ``init_stochastic_depth_rate``; block
             i of 16 drops its residual branches with rate x (i + 1) / 16 (stem: never).
         norm: Detectron2 norm name; "SyncBN" as the reference, plain BatchNorm in a
-            single process (see :func:`norm_layer`).
+            single process (see :func:`deepmac_d2.modeling.hourglass.norm_layer`).
         bn_momentum, bn_eps: of every BatchNorm (PyTorch's momentum: 1 - Keras').
         in_channels: input channels (3).
     """
@@ -222,6 +223,7 @@ class SpineNet(Backbone):
         norm="SyncBN", bn_momentum=BN_MOMENTUM, bn_eps=BN_EPS, in_channels=3,
     ):
         super().__init__()
+        model_id = str(model_id)
         if model_id not in SCALING_MAP:
             raise ValueError(
                 f"MODEL.SPINENET.MODEL_ID={model_id!r} is not a SpineNet; "

@@ -9,6 +9,7 @@ resize) and ``BoxMaskPredictor``, at the traced size and at two sizes the graphs
 saw; the TorchScript files also run in a fresh interpreter in which detectron2 and
 deepmac_d2 cannot be imported.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -174,14 +175,20 @@ def cases(samples):
         yield stretched(image, h, w), boxes * scale
 
 
+@functools.lru_cache(maxsize=None)
+def onnx_session(path):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
 def run_onnx(path, *inputs):
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: np.asarray(x) for n, x in zip(names, inputs)})
 
 
 def run_torchscript(path, *inputs):
-    return [x.numpy() for x in torch.jit.load(path)(*[torch.from_numpy(x) for x in inputs])]
+    scripted = torch.jit.load(path)  # loaded anew: a file, not a module in memory, is tested
+    return [x.numpy() for x in scripted(*[torch.from_numpy(x) for x in inputs])]
 
 
 RUNTIMES = (("torchscript", run_torchscript), ("onnx", run_onnx))

@@ -80,12 +80,17 @@ def expected_mask(source, transforms, size):
     sx, sy = resize.new_w / resize.w, resize.new_h / resize.h
     if isinstance(source, list):
         moved = [(np.asarray(p).reshape(-1, 2) * [sx, sy] - [crop.x0, crop.y0]).reshape(-1).tolist() for p in source]
-        return raster(moved, size, size)
+        return flipped(raster(moved, size, size), transforms)
     scaled = np.asarray(Image.fromarray(source.astype(np.uint8)).resize((resize.new_w, resize.new_h), Image.NEAREST))
     cut = scaled[crop.y0 : crop.y0 + crop.h, crop.x0 : crop.x0 + crop.w]
     out = np.zeros((size, size), bool)
     out[: cut.shape[0], : cut.shape[1]] = cut
-    return out
+    return flipped(out, transforms)
+
+
+def flipped(mask, transforms):
+    """The mask mirrored if the transforms end with a horizontal flip (of the padded square)."""
+    return mask[:, ::-1] if any(type(t).__name__ == "HFlipTransform" for t in transforms) else mask
 
 
 def tight_box(mask):
@@ -217,12 +222,12 @@ def test_box_only_instance_is_kept_first_in_the_image(tmp_path, mask_format, for
     np.testing.assert_allclose(inst.gt_boxes.tensor[0].numpy(), [5, 5, 35, 25])
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_mixed_polygon_rle_and_box_only_through_the_crop(tmp_path, detectron2_version, seed):
     """Polygon and RLE masks in one image (bitmask format), with box-only instances: the
-    box-only box is transformed as a box (scaled, shifted, clipped to the crop)."""
+    box-only box is transformed as a box (scaled, shifted, clipped to the crop, flipped)."""
     size = 48
-    cfg = cfg_with("bitmask", SCALE_JITTER=(1.2, 1.6), FIXED_SIZE=size)
+    cfg = cfg_with("bitmask", SCALE_JITTER=(1.2, 1.6), FIXED_SIZE=size, RANDOM_FLIP="horizontal")
     mapper = InstanceMaskDatasetMapper(cfg, is_train=True)
     box = [10.0, 30.0, 80.0, 25.0]  # XYWH
     annos = [ann(None, category_id=7, bbox=box), ann([L_SHAPE], category_id=1),
@@ -235,6 +240,8 @@ def test_mixed_polygon_rle_and_box_only_through_the_crop(tmp_path, detectron2_ve
     x0, y0, w, h = box
     want = np.array([x0 * sx - crop.x0, y0 * sy - crop.y0, (x0 + w) * sx - crop.x0, (y0 + h) * sy - crop.y0])
     want = np.clip(want, 0, [crop.w, crop.h, crop.w, crop.h])
+    if any(type(t).__name__ == "HFlipTransform" for t in transforms):
+        want = np.array([size - want[2], want[1], size - want[0], want[3]])
     if (want[2] - want[0]) > 0 and (want[3] - want[1]) > 0:
         i = by_class[7]
         assert not inst.gt_has_mask[i] and not inst.gt_masks.tensor[i].any()

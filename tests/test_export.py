@@ -205,6 +205,16 @@ def assert_masks_match(expected, got, what, min_iou=MIN_IOU):
         assert iou.min() >= min_iou, f"{what}: per-instance mask IoU {iou.tolist()}"
 
 
+def test_detectron2_export_api_imports():
+    """v0.6's detectron2.export needs Caffe2 (absent from torch 2); after deepmac_d2.export
+    it imports as on Detectron2 main."""
+    from detectron2.export import TracingAdapter, scripting_with_instances  # noqa: F401
+
+    from deepmac_d2.export import tracing
+
+    assert TracingAdapter is tracing.TracingAdapter
+
+
 def test_resize_in_the_graph_is_detectron2s():
     """Size and values equal Detectron2's ResizeShortestEdge of a uint8 image (Pillow)."""
     rng = np.random.default_rng(0)

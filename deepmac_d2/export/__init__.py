@@ -13,7 +13,7 @@ a serving machine needs.
 """
 from .models import BoxMaskExport, DetectorExport
 from .resize import resize_shortest_edge
-from .trace import ONNX_OPSET, export_onnx, export_torchscript, trace
+from .tracing import ONNX_OPSET, export_onnx, export_torchscript, trace
 
 __all__ = ["BoxMaskExport", "DetectorExport", "resize_shortest_edge", "ONNX_OPSET",
            "export_onnx", "export_torchscript", "trace"]

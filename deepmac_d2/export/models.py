@@ -1,5 +1,5 @@
 """The two serving graphs as modules around a GeneralizedRCNN: the detector, and masks
-for given boxes. Eager modules first (the tests run them as the reference); ``trace.py``
+for given boxes. Eager modules first (the tests run them as the reference); ``tracing.py``
 turns them into files.
 
 What tracing would bake in is kept out: every size is read from tensors, boxes are never

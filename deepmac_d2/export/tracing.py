@@ -26,8 +26,9 @@ def _import_tracing_adapter():
 
     v0.6's ``detectron2/export/__init__.py`` imports its Caffe2 exporter unconditionally,
     and torch 2 ships no ``caffe2``; Detectron2 main makes that import optional. On v0.6
-    the package is entered without its ``__init__`` (as main loads it without Caffe2), so
-    that its ``flatten`` module, which needs no Caffe2, imports.
+    the package is set up as main's ``__init__`` does without Caffe2: ``TracingAdapter``,
+    ``scripting_with_instances`` and ``dump_torchscript_IR``, from modules that need no
+    Caffe2 (so ``from detectron2.export import TracingAdapter`` works elsewhere too).
     """
     try:
         from detectron2.export import TracingAdapter
@@ -38,6 +39,11 @@ def _import_tracing_adapter():
         package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
         sys.modules["detectron2.export"] = package
         from detectron2.export.flatten import TracingAdapter
+        from detectron2.export.torchscript import dump_torchscript_IR, scripting_with_instances
+
+        package.TracingAdapter = TracingAdapter
+        package.scripting_with_instances = scripting_with_instances
+        package.dump_torchscript_IR = dump_torchscript_IR
     return TracingAdapter
 
 

@@ -5,6 +5,9 @@ Expected masks and boxes are computed independently: the original mask rasterise
 pycocotools, then scaled, cropped and padded with numpy/PIL using the transform's
 parameters; boxes are the tight boxes of those arrays.
 """
+import os
+from argparse import Namespace
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks, polygons_to_bitmask
 from deepmac_d2.data import InstanceMaskDatasetMapper, check_mapper_dependencies
 from deepmac_d2.data import dataset_mapper as mapper_module
+from deepmac_d2.engine import setup
 
 H, W = 60, 100
 # A concave polygon (an L) and a triangle in two parts' worth of image.
@@ -186,6 +190,18 @@ def test_polygons_with_scale_jitter_need_shapely_named_at_setup(monkeypatch):
         InstanceMaskDatasetMapper(cfg, is_train=True)
     check_mapper_dependencies(cfg_with("bitmask", SCALE_JITTER=(0.8, 1.25)))  # bitmasks: no shapely
     check_mapper_dependencies(cfg_with("polygon"))  # no crop: no shapely
+
+
+def test_train_net_setup_names_missing_shapely_before_building_anything(monkeypatch, tmp_path):
+    """What `train_net.py --config-file configs/voc_r50_hg52.yaml` says without shapely."""
+    real_find_spec = mapper_module.importlib.util.find_spec
+    monkeypatch.setattr(mapper_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "shapely" else real_find_spec(name, *a))
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "voc_r50_hg52.yaml")
+    args = Namespace(config_file=config, opts=["OUTPUT_DIR", str(tmp_path / "out")], accelerator="cpu")
+    with pytest.raises(ImportError, match="pip install shapely"):
+        setup(args)
+    assert not os.path.exists(tmp_path / "out")  # stopped before Detectron2's set-up wrote anything
 
 
 def test_without_scale_jitter_it_is_detectron2s_resize(tmp_path):

@@ -115,7 +115,7 @@ def main(argv=None):
                 rows.append((what, name, ms))
         if "detector" in args.models:
             count = len(predictor(image)["instances"])
-            what = f"detector ({count} detections)"
+            what = f"detector ({count} detection{'' if count == 1 else 's'})"
             eager = lambda: predictor(image)  # noqa: E731
             rows.append((what, "eager (DefaultPredictor)", median_ms(eager, args.warmup, args.repeats)))
             for name, run in runners(os.path.join(out, "detector"), args.threads):

@@ -392,3 +392,6 @@ def test_tool_exports_a_checkpoint_and_refuses_missing_weights(trained, exported
     with pytest.raises(SystemExit, match="--weights .*missing.pth.* is not a file"):
         load_tool().main(["--config-file", CONFIG, "--weights", str(tmp_path / "missing.pth"),
                           "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="MASK_ON False: only a GeneralizedRCNN with a mask"):
+        load_tool().main(["--config-file", CONFIG, "--output", str(tmp_path),
+                          "MODEL.MASK_ON", "False"])

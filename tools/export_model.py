@@ -119,8 +119,11 @@ def main(argv=None):
     cfg = load_config(args)
     cfg.MODEL.DEVICE = "cpu"  # a CPU graph runs anywhere; see the README for GPU serving
     cfg.freeze()
-    if not cfg.MODEL.MASK_ON:
-        raise SystemExit("error: the config has MODEL.MASK_ON False: there is no mask head to export")
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or not cfg.MODEL.MASK_ON:
+        raise SystemExit(
+            f"error: MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}, MODEL.MASK_ON "
+            f"{cfg.MODEL.MASK_ON}: only a GeneralizedRCNN with a mask head (Mask R-CNN) exports"
+        )
     weights = args.weights or cfg.MODEL.WEIGHTS
     if not weights or not os.path.isfile(weights):
         raise SystemExit(

@@ -79,14 +79,11 @@ class InstanceMaskDatasetMapper(DatasetMapper):
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
-        for anno in annos:
-            if not self.use_keypoint:
-                anno.pop("keypoints", None)
-            if not self.use_instance_mask:
-                anno.pop("segmentation", None)
         has_mask = [self.use_instance_mask and annotation_has_mask(a) for a in annos]
         for anno, masked in zip(annos, has_mask):
-            if not masked:
+            if not self.use_keypoint:
+                anno.pop("keypoints", None)
+            if not masked:  # masks off, or this instance has none
                 anno.pop("segmentation", None)
             elif isinstance(anno["segmentation"], list):  # Detectron2 fails on a degenerate polygon
                 anno["segmentation"] = valid_polygons(anno["segmentation"])

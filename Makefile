@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv/bin/python
 VENV_XLA := .venv-xla/bin/python
 
-.PHONY: setup setup-xla setup-tf test test-main test-xla demo parity clean
+.PHONY: setup setup-xla setup-tf test test-main test-xla demo parity tf-checkpoint-check clean
 
 setup:
 	$(PY) tools/setup_env.py
@@ -35,6 +35,12 @@ demo: setup
 # mismatch (tools/parity.py; .venv-tf runs the reference; ~10 min on 2 cores).
 parity: setup setup-tf
 	$(VENV) tools/parity.py
+
+# tools/convert_tf_checkpoint.py on a checkpoint and a SavedModel that the reference writes
+# here (random weights): our masks for given boxes against its image_and_boxes_tensor
+# output, and the errors for checkpoints that do not fit (tools/tf_checkpoint_check.py).
+tf-checkpoint-check: setup setup-tf
+	$(VENV) tools/tf_checkpoint_check.py
 
 clean:
 	rm -rf .venv .venv-xla .venv-tf .deps output

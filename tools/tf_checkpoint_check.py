@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""``make tf-checkpoint-check``: tools/convert_tf_checkpoint.py on checkpoints the reference writes.
+
+``tools/tf_checkpoint_check_tf.py`` (in ``.venv-tf``) builds the reference's
+deepmac_maskrcnn model at small settings (SpineNet-49, Hourglass-20 head with 16
+filters, crop 16 -> 32x32 masks, 256x256 input) with random weights, saves a training
+checkpoint, exports it with the reference's own exporter and records the SavedModel's
+``image_and_boxes_tensor`` output for two images and six boxes each. This script
+converts the checkpoint and the SavedModel, loads the .pth with BoxMaskPredictor, and
+compares our mask probabilities for the same boxes with the reference's, per ROI
+(both are the sigmoid of the head's M x M logits, before pasting into the image):
+
+- ``native``: a 256x256 image, which neither side resizes; the two agree to float32
+  rounding when the RoIAlign is the reference's (POOLER_TYPE ROIAlign, sampling ratio
+  1: one bilinear sample per bin centre, no half-pixel shift). Tolerance 1e-4.
+- ``resized``: 240x320, which both scale by 0.8; TF resizes the normalised float image
+  bilinearly, Detectron2 the uint8 image with Pillow (antialiased), so the inputs
+  differ. Reported, with the masks' IoU (at 0.5), not held to the tolerance.
+- Detectron2's own RoIAlign (ROIAlignV2: adaptive sampling, half-pixel shift) on the
+  native image, to show what the pooler setting is worth. Reported only.
+
+It then converts checkpoints that do not fit the config (SpineNet-96; a head of width
+32) and requires the error to name the config key. Exit status 1 on any failure.
+
+    python tools/tf_checkpoint_check.py [--ref-dir DIR]   # DIR: tf_checkpoint_check_tf.py's output
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.layers import paste_masks_in_image
+from detectron2.structures import Boxes, Instances
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_tf_checkpoint import TF_PYTHON, convert, load_config  # noqa: E402
+
+from deepmac_d2.box_masks import BoxMaskPredictor  # noqa: E402
+from deepmac_d2.tf_port import ConversionError  # noqa: E402
+from deepmac_d2.tf_port.checkpoint import reference_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "voc_spinenet143_hg52.yaml"
+INPUT_SIZE = 256
+OVERRIDES = [
+    "MODEL.SPINENET.MODEL_ID", "49", "MODEL.SPINENET.NORM", "BN",
+    "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass20", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "16", "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]",
+    "MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+    "INPUT.MIN_SIZE_TEST", str(INPUT_SIZE), "INPUT.MAX_SIZE_TEST", str(INPUT_SIZE),
+]
+REFERENCE_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign",
+                       "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "1"]
+DETECTRON2_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlignV2",
+                        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "0"]
+TOLERANCE = 1e-4
+# A checkpoint that does not fit must name the key that makes it fit.
+MISMATCHES = {"spinenet96": "MODEL.SPINENET.MODEL_ID", "width32": "MODEL.ROI_MASK_HEAD.CONV_DIM"}
+
+
+def roi_probabilities(predictor, image, boxes):
+    """Our per-ROI mask probabilities (N x M x M) for XYXY ``boxes`` in ``image``'s pixels,
+    with the predictor's own preprocessing; the reference's serving output's counterpart."""
+    aug = T.AugInput(image)
+    transform = predictor.augmentations(aug)
+    height, width = aug.image.shape[:2]
+    instances = Instances((height, width))
+    instances.pred_boxes = Boxes(torch.as_tensor(transform.apply_box(boxes), dtype=torch.float32))
+    instances.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    inputs = {"image": torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
+              "height": image.shape[0], "width": image.shape[1]}
+    with torch.no_grad():
+        (result,) = predictor.model.inference([inputs], detected_instances=[instances], do_postprocess=False)
+    return result.pred_masks[:, 0].numpy()
+
+
+def mask_iou(ours, theirs):
+    """Per-instance IoU of two N x H x W boolean mask stacks (1 where both are empty)."""
+    inter = (ours & theirs).sum((1, 2))
+    union = (ours | theirs).sum((1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def compare(predictor, serving, name):
+    """(max |p_ours - p_ref| per ROI pixel, mean, min IoU of the pasted image masks)."""
+    image, boxes, theirs = (serving[f"{name}|{k}"] for k in ("image", "boxes", "masks"))
+    ours = roi_probabilities(predictor, image, boxes)
+    diff = np.abs(ours - theirs)
+    # Image level: the predictor's masks against the reference's ROI masks pasted the same way.
+    pasted = paste_masks_in_image(torch.from_numpy(theirs), Boxes(torch.from_numpy(boxes)),
+                                  image.shape[:2], threshold=0.5).numpy()
+    iou = mask_iou(predictor(image, boxes).masks, pasted)
+    return float(diff.max()), float(diff.mean()), float(iou.min())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ref-dir", help="output of tools/tf_checkpoint_check_tf.py (default: run it now)")
+    args = ap.parse_args()
+    cfg = load_config(CONFIG, OVERRIDES + REFERENCE_ROI_ALIGN)
+    spec = dict(reference_spec(cfg), input_size=INPUT_SIZE)
+    rows = []  # (check, value, ok or None for reported-only)
+    with tempfile.TemporaryDirectory(prefix="tf-checkpoint-check-") as tmp:
+        ref = Path(args.ref_dir or tmp)
+        if args.ref_dir is None:
+            if not TF_PYTHON.exists():
+                sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` first")
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            start = time.time()
+            subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_checkpoint_check_tf.py"),
+                            "--spec", str(spec_path), "--out", str(ref)], check=True)
+            print(f"[tf-checkpoint-check] reference written in {time.time() - start:.0f} s", flush=True)
+        serving = np.load(ref / "serving.npz")
+        weights = {}
+        for source in ("ckpt", "export/saved_model"):
+            weights[source] = Path(tmp) / f"{source.replace('/', '_')}.pth"
+            start = time.time()
+            count = len(convert(cfg, ref / source, weights[source]))
+            rows.append((f"convert {source}: {count} tensors ({time.time() - start:.0f} s)", "", True))
+        a, b = (torch.load(weights[s])["model"] for s in ("ckpt", "export/saved_model"))
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        rows.append(("checkpoint and SavedModel convert to the same tensors", "", same))
+
+        predictor = BoxMaskPredictor(cfg, weights=str(weights["ckpt"]))
+        for name in ("native", "resized"):
+            worst, mean, iou = compare(predictor, serving, name)
+            held = name == "native"
+            rows.append((f"{name}: max |p - p_ref| per ROI pixel (mean {mean:.2g})", f"{worst:.3g}",
+                         worst <= TOLERANCE if held else None))
+            rows.append((f"{name}: min mask IoU, image size", f"{iou:.4f}", iou >= 0.99 if held else None))
+        d2_cfg = load_config(CONFIG, OVERRIDES + DETECTRON2_ROI_ALIGN)
+        worst, mean, iou = compare(BoxMaskPredictor(d2_cfg, weights=str(weights["ckpt"])), serving, "native")
+        rows.append((f"native, Detectron2's ROIAlignV2: max |p - p_ref| (mean {mean:.2g})", f"{worst:.3g}", None))
+        rows.append(("native, Detectron2's ROIAlignV2: min mask IoU", f"{iou:.4f}", None))
+
+        for case, key in MISMATCHES.items():
+            try:
+                convert(cfg, ref / f"mismatch_{case}", Path(tmp) / "mismatch.pth")
+                message, ok = "converted (should not)", False
+            except ConversionError as err:
+                message, ok = str(err), key in str(err)
+            rows.append((f"mismatch {case} fails naming {key}", "", ok))
+            print(f"[tf-checkpoint-check] {case}: {message}", flush=True)
+
+    print(f"\n{'check':<72} {'value':>10}  ok")
+    print("-" * 90)
+    for check, value, ok in rows:
+        print(f"{check:<72} {value:>10}  {'-' if ok is None else 'yes' if ok else 'NO'}")
+    bad = [r for r in rows if r[2] is False]
+    held = [r for r in rows if r[2] is not None]
+    print(f"\n{len(held) - len(bad)} of {len(held)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

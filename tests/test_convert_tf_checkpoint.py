@@ -60,7 +60,7 @@ def manifest_from(model):
     side = model.backbone.size_divisibility
     modules = {"backbone": (model.backbone, torch.zeros(1, 3, side, side)),
                "mask_head": (_MaskHeadLayers(roi_heads.mask_head), rois)}
-    manifest, arrays = {"components": {"decoder": {"path": None, "variables": [], "unused": []}}}, {}
+    manifest, arrays = {"components": {}}, {}
     for component, (module, x) in modules.items():
         variables = []
         for name, layer in layers_in_call_order(module, x):
@@ -93,7 +93,7 @@ def models():
 
 def test_spec_names_the_reference_model():
     spec = reference_spec(spinenet_config())
-    assert spec["backbone"] == {"type": "spinenet", "model_id": "143", "min_level": 3, "max_level": 7}
+    assert spec["spinenet"] == {"model_id": "143", "min_level": 3, "max_level": 7}
     assert spec["mask_head"] == {"convnet_variant": "hourglass52", "num_filters": 64, "num_convs": 4,
                                  "upsample_factor": 2, "class_agnostic": True}
     assert spec["crop_size"] == 32 and spec["num_classes"] == 81  # background counted, as TF does
@@ -156,3 +156,13 @@ def test_other_backbone_names_first_missing_variable_and_key(models):
     none["components"]["mask_head"]["path"] = None
     with pytest.raises(ConversionError, match="no mask_head"):
         load_reference_checkpoint(target, none, arrays)
+
+
+def test_tool_refuses_a_resnet_config_before_reading(tmp_path):
+    # No TensorFlow needed: the config is refused before the checkpoint is read.
+    with pytest.raises(SystemExit, match="does not fit .*MODEL.BACKBONE.NAME") as err:
+        tool.main(["--config-file", os.path.join(REPO, "configs", "voc_r50_hg52.yaml"),
+                   "--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out.pth"),
+                   "--tf-python", str(tmp_path / "no-python")])
+    assert "ResNet-FPN" in str(err.value)
+    assert not (tmp_path / "out.pth").exists()

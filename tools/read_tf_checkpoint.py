@@ -4,7 +4,7 @@
 Reads a TF Model Garden deepmac_maskrcnn checkpoint (a ``tf.train.Checkpoint``
 directory or prefix, or a SavedModel directory) for the model that a spec describes
 (``deepmac_d2.tf_port.checkpoint.reference_spec`` writes it from a Detectron2 config)
-and writes, for the backbone, decoder and mask head, the variables the reference
+and writes, for the backbone and the mask head, the variables the reference
 model has in creation order (the order ``deepmac_d2.tf_port`` pairs with our layers)
 together with the checkpoint's value under each one's key, where it has one. Checking
 that they fit is left to the torch side, which knows the config keys to name.
@@ -37,28 +37,19 @@ import tensorflow as tf  # noqa: E402
 from parity_tf import creation_order  # noqa: E402  (tools/, next to this file)
 
 # The parts whose weights deepmac-d2 ports; the RPN and box head are not among them.
-COMPONENTS = ("backbone", "decoder", "mask_head")
+COMPONENTS = ("backbone", "mask_head")
 
 
 def reference_params(spec):
-    """The Model Garden experiment config of the model ``spec`` describes."""
+    """The Model Garden experiment config of the model ``spec`` describes: its SpineNet
+    experiment (identity decoder) with the spec's backbone and mask head."""
     from official.core import exp_factory
     from official.projects.deepmac_maskrcnn.configs import deep_mask_head_rcnn  # noqa: F401 (registers)
 
     params = exp_factory.get_exp_config("deep_mask_head_rcnn_spinenet_coco")
     model = params.task.model
-    backbone = spec["backbone"]
-    if backbone["type"] == "spinenet":
-        model.backbone.type = "spinenet"
-        model.backbone.spinenet.model_id = str(backbone["model_id"])
-        model.backbone.spinenet.min_level = backbone["min_level"]
-        model.backbone.spinenet.max_level = backbone["max_level"]
-        model.decoder.type = "identity"
-    else:
-        model.backbone.type = "resnet"
-        model.backbone.resnet.model_id = int(backbone["model_id"])
-        model.decoder.type = "fpn"
-        model.decoder.fpn.num_filters = spec["decoder"]["num_filters"]
+    for key in ("model_id", "min_level", "max_level"):
+        setattr(model.backbone.spinenet, key, spec["spinenet"][key])
     model.min_level, model.max_level = spec["min_level"], spec["max_level"]
     model.num_classes = spec["num_classes"]
     size = spec.get("input_size", 2 ** (spec["max_level"] + 1))

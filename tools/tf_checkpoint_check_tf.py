@@ -32,7 +32,7 @@ from read_tf_checkpoint import build_reference, reference_params  # noqa: E402
 
 # Models that differ from the spec in one place, for the mismatch errors.
 MISMATCHES = {
-    "spinenet96": lambda spec: spec["backbone"].update(model_id="96"),
+    "spinenet96": lambda spec: spec["spinenet"].update(model_id="96"),
     "width32": lambda spec: spec["mask_head"].update(num_filters=32),
 }
 

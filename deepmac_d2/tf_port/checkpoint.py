@@ -50,8 +50,8 @@ def reference_spec(cfg):
         )
     spine = cfg.MODEL.SPINENET
     return {
-        "backbone": {"type": "spinenet", "model_id": str(spine.MODEL_ID),
-                     "min_level": spine.MIN_LEVEL, "max_level": spine.MAX_LEVEL},
+        "spinenet": {"model_id": str(spine.MODEL_ID), "min_level": spine.MIN_LEVEL,
+                     "max_level": spine.MAX_LEVEL},
         "min_level": spine.MIN_LEVEL,
         "max_level": spine.MAX_LEVEL,
         "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # the reference counts background
@@ -65,7 +65,7 @@ def reference_spec(cfg):
 def _checked_variables(component, entry, arrays):
     """``[(reference name, array)]`` of one component, after checking it fits."""
     expected, unused = entry["variables"], entry["unused"]
-    if expected and entry["path"] is None:
+    if entry["path"] is None:
         raise ConversionError(
             f"the checkpoint has no {component} (no object named '{component}' in its object graph)"
         )
@@ -115,9 +115,6 @@ def load_reference_checkpoint(model, manifest, arrays):
         checkpoint's key)]``; every one of ours is under one of :data:`CONVERTED`.
     """
     components = manifest["components"]
-    if components["decoder"]["variables"]:
-        raise ConversionError("the reference model has a decoder (FPN); only SpineNet's "
-                              "identity decoder converts")
     device = next(model.parameters()).device
     side = model.backbone.size_divisibility
     roi_heads = model.roi_heads

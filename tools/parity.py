@@ -14,9 +14,18 @@ runs deliberately wrong ports (PyTorch's symmetric padding instead of TF's 'SAME
 missing layer; the hourglass with PyTorch's unbiased BatchNorm variance) and fails
 unless the harness catches each.
 
+Then a speed table: ours against the reference, float32 on the CPU, the same number
+of threads on both sides, forward (eval) and forward+backward (train mode, gradients
+of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 on
+64 ROIs each, and SpineNet-49 at 640 x 640. The reference runs under ``tf.function``
+(as it trains) in a worker process (``tools/parity_tf.py --speed-worker``); the two
+sides' runs alternate, so load from other processes falls on both; each row gives
+the median and the minimum of ``--speed-repeats`` runs.
+
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
     python tools/parity.py --ref-dir DIR        # reuse parity_tf.py's output
+    python tools/parity.py --speed-only --speed-repeats 7
 """
 import argparse
 import copy
@@ -25,19 +34,25 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+# PyTorch's OpenMP threads spin between ops by default; on a machine shared with other
+# jobs a spinning thread keeps the core its partner waits for (our 2-thread times rose
+# 3-8x at load 8 on 2 cores). TF's thread pool sleeps; so do ours here, before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import deepmac_d2  # noqa: F401  (registers; installs the detectron2._C stand-in)
-from detectron2.layers import ShapeSpec
-from deepmac_d2.modeling import spinenet as spinenet_module
-from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
-from deepmac_d2.modeling.mask_head import DeepMaskHead
-from deepmac_d2.modeling.spinenet import SpineNet
-from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import deepmac_d2  # noqa: E402,F401  (registers; installs the detectron2._C stand-in)
+from detectron2.layers import ShapeSpec  # noqa: E402
+from deepmac_d2.modeling import spinenet as spinenet_module  # noqa: E402
+from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
+from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
+from deepmac_d2.modeling.spinenet import SpineNet  # noqa: E402
+from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
@@ -57,6 +72,13 @@ SELF_CHECK_CASES = ("spinenet49", "hg20_head")
 # E[x^2] - E[x]^2, which loses ~1e-8 relative where the mean is large. A porting error
 # shows at O(1) (see the self-check rows).
 RTOL = {"eval": 1e-9, "train": 1e-6}
+# Speed table: case -> the reference's input shape (ROIs as [1, N, H, W, C], images NHWC).
+SPEED_INPUTS = {
+    "hg52_head": (1, 64, 32, 32, 256),
+    "default_head": (1, 64, 14, 14, 256),
+    "spinenet49": (1, 640, 640, 3),
+}
+SPEED_MODES = ("forward", "forward+backward")
 
 
 class _HeadLayers(nn.Module):
@@ -70,9 +92,9 @@ class _HeadLayers(nn.Module):
         return {"masks": self.head.layers(x)[:, 0]}
 
 
-def build_ours(name):
+def build_ours(name, stochastic_depth=STOCHASTIC_DEPTH):
     if name.startswith("spinenet"):
-        return SpineNet(name[len("spinenet"):], stochastic_depth_rate=STOCHASTIC_DEPTH, norm="BN")
+        return SpineNet(name[len("spinenet"):], stochastic_depth_rate=stochastic_depth, norm="BN")
     variant, filters, _, momentum, eps = HEADS[name]
     return _HeadLayers(DeepMaskHead(
         ShapeSpec(channels=256), num_classes=1, convnet_variant=variant, num_filters=filters,
@@ -222,21 +244,96 @@ def print_table(rows):
         print(f"{case:<13} {what:<50} {diff:>10.3g} {scale:>10.3g} {sens:>10}  {'yes' if ok else 'NO'}")
 
 
+def _time_ours(model, x, mode):
+    """Seconds of one forward (eval, no autograd) or forward+backward (train) call."""
+    start = time.perf_counter()
+    if mode == "forward":
+        with torch.inference_mode():
+            model.eval()(x)
+    else:
+        sum(y.sum() for y in model.train()(x).values()).backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def speed(cases, repeats, threads):
+    """Rows ``(case, input, mode, our seconds, the reference's seconds)`` (lists of runs)."""
+    torch.set_num_threads(threads)
+    worker = subprocess.Popen(
+        [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+    def reference(**request):
+        worker.stdin.write(json.dumps(request) + "\n")
+        worker.stdin.flush()
+        return worker.stdout.readline().strip()
+
+    rng = np.random.default_rng(0)
+    models, inputs, times = {}, {}, {}
+    try:
+        for name in cases:
+            if reference(build=name, shape=SPEED_INPUTS[name]) != "ok":
+                sys.exit(f"the reference's speed worker failed to build {name}")
+            models[name] = build_ours(name, stochastic_depth=0.0)
+            # Contiguous NCHW, as Detectron2's ROIAlign and image batches give.
+            inputs[name] = to_ours(name, rng.standard_normal(SPEED_INPUTS[name]).astype(np.float32)).contiguous()
+            for mode in SPEED_MODES:  # warm-up: allocator, oneDNN primitives
+                _time_ours(models[name], inputs[name], mode)
+        for round_ in range(repeats):
+            for name in cases:
+                for mode in SPEED_MODES:
+                    runs = times.setdefault((name, mode), ([], []))
+                    # Alternate who goes first, so neither always follows the other.
+                    for side in ((0, 1) if round_ % 2 == 0 else (1, 0)):
+                        runs[side].append(_time_ours(models[name], inputs[name], mode) if side == 0
+                                          else float(reference(time=name, mode=mode)))
+    finally:
+        worker.stdin.close()
+        worker.wait()
+    return [(name, "x".join(map(str, SPEED_INPUTS[name])), mode, *times[name, mode])
+            for name in cases for mode in SPEED_MODES]
+
+
+def print_speed_table(rows, repeats, threads, load):
+    print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
+          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), ms per call, "
+          f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
+          f"{load[1]:.1f} after ({os.cpu_count()} CPUs)")
+    print(f"{'case':<13} {'input (TF layout)':<18} {'mode':<17} {'ours':>15} {'reference':>15}  "
+          f"{'ours / ref (median, min)':>24}")
+    print("-" * 110)
+    for name, shape, mode, ours, ref in rows:
+        ours_ms, ref_ms = (1e3 * np.median(ours), 1e3 * min(ours)), (1e3 * np.median(ref), 1e3 * min(ref))
+        print(f"{name:<13} {shape:<18} {mode:<17} {ours_ms[0]:>7.0f} /{ours_ms[1]:>6.0f} "
+              f"{ref_ms[0]:>7.0f} /{ref_ms[1]:>6.0f}  {ours_ms[0] / ref_ms[0]:>12.2f}, {ours_ms[1] / ref_ms[1]:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--ref-dir", help="output of tools/parity_tf.py (default: run it now)")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed table")
+    ap.add_argument("--speed-repeats", type=int, default=5, help="timed runs per row (0: no speed table)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each side in the speed table")
     args = ap.parse_args()
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
     torch.manual_seed(0)
+    speed_cases = [c for c in SPEED_INPUTS if c in cases] if args.speed_repeats else []
+    if (speed_cases or args.ref_dir is None) and not TF_PYTHON.exists():
+        sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
+    if args.speed_only:
+        load = os.getloadavg()[0]
+        rows = speed(speed_cases, args.speed_repeats, args.threads)
+        print_speed_table(rows, args.speed_repeats, args.threads, (load, os.getloadavg()[0]))
+        return
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         ref_dir = args.ref_dir
         if ref_dir is None:
-            if not TF_PYTHON.exists():
-                sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
             ref_dir = tmp
             # The self-check's wrong ports need these two cases whatever --cases says.
             tf_cases = cases + [c for c in SELF_CHECK_CASES if c not in cases]
@@ -249,6 +346,10 @@ def main():
     print_table(rows)
     bad = [r for r in rows if not r[-1]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))
+    if speed_cases:
+        load = os.getloadavg()[0]
+        speed_rows = speed(speed_cases, args.speed_repeats, args.threads)
+        print_speed_table(speed_rows, args.speed_repeats, args.threads, (load, os.getloadavg()[0]))
     sys.exit(1 if bad else 0)
 
 

@@ -9,7 +9,14 @@ the variables in creation order (``w00000|<name>``), the input, the outputs
 (``after_train|...``, same order), and the trainable / non-trainable counts.
 ``tools/parity.py`` (in ``.venv``) converts the variables into ours and compares.
 
+With ``--speed-worker`` it instead times the reference for ``tools/parity.py``'s speed
+table, in float32 under ``tf.function`` as the reference trains: it reads one JSON
+request a line on stdin (``{"build": case, "shape": input shape}``, then
+``{"time": case, "mode": "forward" | "forward+backward"}``) and answers each with
+one line (``ok``, or the seconds of one call), so the two sides' runs can alternate.
+
     .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head]
+    .venv-tf/bin/python tools/parity_tf.py --speed-worker --threads 2
 
 It imports nothing from deepmac_d2 (which needs torch and Detectron2).
 """
@@ -18,6 +25,7 @@ import json
 import os
 import re
 import sys
+import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -61,7 +69,7 @@ def randomise(variables, rng):
         v.assign(value.astype(v.dtype.as_numpy_dtype))
 
 
-def build_spinenet(model_id, rate):
+def build_spinenet(model_id, rate, input_shape=SPINENET_INPUT):
     from official.vision.modeling.backbones import spinenet
 
     endpoints, scale, alpha, repeats = (
@@ -69,7 +77,7 @@ def build_spinenet(model_id, rate):
         for k in ("endpoints_num_filters", "filter_size_scale", "resample_alpha", "block_repeats")
     )
     return spinenet.SpineNet(
-        input_specs=tf.keras.layers.InputSpec(shape=[None, *SPINENET_INPUT[1:]]),
+        input_specs=tf.keras.layers.InputSpec(shape=[None, *input_shape[1:]]),
         min_level=3, max_level=7, endpoints_num_filters=endpoints, resample_alpha=alpha,
         block_repeats=repeats, filter_size_scale=scale, init_stochastic_depth_rate=rate,
         use_sync_bn=True, norm_momentum=0.99, norm_epsilon=1e-3,
@@ -138,12 +146,72 @@ def run_case(name, out_dir, rng):
     print(f"[parity-tf] {name}: {len(variables)} variables, {counts}", flush=True)
 
 
+def speed_worker():
+    """Times the reference for ``tools/parity.py`` (see the module docstring).
+
+    Forward: inference mode, no tape. Forward+backward: training mode, the gradient of
+    the outputs' sum with respect to every trainable variable. Each function is traced
+    and run once when built, so the timed calls reuse the graph.
+    """
+    tf.keras.backend.set_floatx("float32")
+    rng = np.random.default_rng(0)
+    steps = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "build" in request:
+            name, shape = request["build"], tuple(request["shape"])
+            x = tf.constant(rng.standard_normal(shape), tf.float32)
+            if name.startswith("spinenet"):
+                model = build_spinenet(name[len("spinenet"):], 0.0, shape)
+
+                def call(inp, training, model=model):
+                    return list(model(inp, training=training).values())
+            else:
+                model = build_head(name)[0]
+                classes = tf.zeros(shape[:2], tf.int32)
+
+                def call(inp, training, model=model, classes=classes):
+                    return [model([inp, classes], training=training)]
+
+            call(x, False)  # builds the variables
+
+            @tf.function
+            def forward(inp, call=call):
+                return call(inp, False)
+
+            @tf.function
+            def train(inp, call=call, model=model):
+                with tf.GradientTape() as tape:
+                    loss = tf.add_n([tf.reduce_sum(y) for y in call(inp, True)])
+                return tape.gradient(loss, model.trainable_variables)
+
+            steps[name] = {"forward": lambda f=forward, x=x: f(x),
+                           "forward+backward": lambda f=train, x=x: f(x)}
+            for step in steps[name].values():
+                step()
+            answer = "ok"
+        else:
+            step = steps[request["time"]][request["mode"]]
+            start = time.perf_counter()
+            step()
+            answer = str(time.perf_counter() - start)
+        print(answer, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="where the .npz files go (the parity check)")
+    ap.add_argument("--speed-worker", action="store_true", help="time the reference (see above)")
+    ap.add_argument("--threads", type=int, default=2, help="intra- and inter-op threads (--speed-worker)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.speed_worker:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        return speed_worker()
+    if not args.out:
+        ap.error("--out is required (or --speed-worker)")
     os.makedirs(args.out, exist_ok=True)
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))

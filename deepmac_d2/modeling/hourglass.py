@@ -142,7 +142,7 @@ class ResidualBlock(nn.Module):
             self.skip = nn.Identity()
 
     def forward(self, x):
-        return F.relu(self.conv2(self.conv1(x)) + self.skip(x))
+        return F.relu_(self.conv2(self.conv1(x)) + self.skip(x))
 
 
 def residual_stack(in_channels, out_channels, num_blocks, stride=1, mid_channels=None, norm="BN"):
@@ -277,7 +277,7 @@ class HourglassNetwork(nn.Module):
             out = output_conv(hourglass(x))
             outputs.append(out)
             if i < len(self.inter_residuals):
-                merged = F.relu(self.inter_input_convs[i](x) + self.inter_output_convs[i](out))
+                merged = F.relu_(self.inter_input_convs[i](x) + self.inter_output_convs[i](out))
                 x = self.inter_residuals[i](merged)
         return outputs
 

@@ -176,8 +176,15 @@ class DeepMaskHead(BaseMaskRCNNHead):
         # copy would do for the statistics, but its gradients cancel at that BatchNorm).
         if self.training and x.shape[0] == 1:
             return self.layers(torch.cat([x, x.flip(-1)]))[:1]
+        # On the CPU, channels-last (NHWC) saves oneDNN's convolutions a reorder of every
+        # input and output: forward ~25% and forward+backward ~5-10% faster on one thread
+        # (the speed table of tools/parity.py). The logits go back to NCHW.
+        channels_last = x.device.type == "cpu"
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.deconv_norm(self.deconv(self.convnet(x)))
-        return self.predictor(F.relu(x))
+        x = self.predictor(F.relu(x))
+        return x.contiguous() if channels_last else x
 
 
 class SoftBitMasks(BitMasks):

@@ -84,6 +84,8 @@ class Conv2dSame(nn.Conv2d):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         top, bottom = _same_padding(x.shape[-2], kh, sh)
         left, right = _same_padding(x.shape[-1], kw, sw)
+        if top == bottom and left == right:  # the conv pads itself, without F.pad's copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
         return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
@@ -118,7 +120,7 @@ class _Block(nn.Module):
         shortcut = self.shortcut(x) if self.shortcut is not None else x
         # Per-sample drop of the residual branch, scaled by 1 / keep-rate; identity in eval.
         y = stochastic_depth(self.branch(x), self.drop_rate, "row", self.training)
-        return F.relu(y + shortcut)
+        return F.relu_(y + shortcut)
 
 
 def bottleneck_block(in_channels, filters, projection, drop_rate, norm):
@@ -198,8 +200,8 @@ class ScalePermutedBlock(nn.Module):
     def forward(self, features):
         x = self.resample0(features[self.parents[0]]) + self.resample1(features[self.parents[1]])
         for j in self.extra_parents:
-            x = x + features[j]
-        return self.group(F.relu(x))
+            x += features[j]
+        return self.group(F.relu_(x))
 
 
 class SpineNet(Backbone):

@@ -109,7 +109,7 @@ def test_unsupported_configs_name_the_key():
 def test_conversion_reproduces_the_source_model(models):
     cfg, source, target = models
     manifest, arrays = manifest_from(source)
-    name_map = load_reference_checkpoint(target, manifest, arrays)
+    name_map = load_reference_checkpoint(target, cfg, manifest, arrays)
     mine, theirs = target.state_dict(), source.state_dict()
     converted = [k for k in mine if k.startswith(CONVERTED) and "num_batches_tracked" not in k]
     assert sorted(ours for ours, _, _ in name_map) == sorted(converted) and len(converted) > 500
@@ -126,36 +126,36 @@ def test_conversion_reproduces_the_source_model(models):
 
 
 def test_wrong_head_width_names_variable_and_key(models):
-    _, source, target = models
+    cfg, source, target = models
     manifest, arrays = manifest_from(source)
     bad = copy.deepcopy(manifest)
     entry = bad["components"]["mask_head"]["variables"][3]
     entry["found"] = entry["shape"][:-1] + [16]
     with pytest.raises(ConversionError) as err:
-        load_reference_checkpoint(target, bad, arrays)
+        load_reference_checkpoint(target, cfg, bad, arrays)
     message = str(err.value)
     assert entry["key"] in message and "MODEL.ROI_MASK_HEAD.CONV_DIM" in message
     assert f"{tuple(entry['found'])} in the checkpoint" in message
 
 
 def test_other_backbone_names_first_missing_variable_and_key(models):
-    _, source, target = models
+    cfg, source, target = models
     manifest, arrays = manifest_from(source)
     fewer = copy.deepcopy(manifest)  # a smaller backbone: the checkpoint lacks the last ones
     variables = fewer["components"]["backbone"]["variables"]
     for e in variables[-4:]:
         e["found"] = None
     with pytest.raises(ConversionError, match="MODEL.SPINENET.MODEL_ID") as err:
-        load_reference_checkpoint(target, fewer, arrays)
+        load_reference_checkpoint(target, cfg, fewer, arrays)
     assert variables[-4]["key"] in str(err.value)
     more = copy.deepcopy(manifest)  # a bigger one: variables left over
     more["components"]["backbone"]["unused"] = ["model/backbone/v9999/.ATTRIBUTES/VARIABLE_VALUE"]
     with pytest.raises(ConversionError, match=r"backbone has 1 variable\(s\) .*/v9999/.*MODEL.SPINENET.MODEL_ID"):
-        load_reference_checkpoint(target, more, arrays)
+        load_reference_checkpoint(target, cfg, more, arrays)
     none = copy.deepcopy(manifest)
     none["components"]["mask_head"]["path"] = None
     with pytest.raises(ConversionError, match="no mask_head"):
-        load_reference_checkpoint(target, none, arrays)
+        load_reference_checkpoint(target, cfg, none, arrays)
 
 
 def test_tool_refuses_a_resnet_config_before_reading(tmp_path):
@@ -166,3 +166,36 @@ def test_tool_refuses_a_resnet_config_before_reading(tmp_path):
                    "--tf-python", str(tmp_path / "no-python")])
     assert "ResNet-FPN" in str(err.value)
     assert not (tmp_path / "out.pth").exists()
+
+
+def reference_model_config(**changes):
+    """``task.model`` of a params.yaml for the SMALL config, with ``changes`` ("a.b": v)."""
+    model = {"backbone": {"type": "spinenet", "spinenet": {"model_id": "49"}}, "min_level": 3, "max_level": 7,
+             "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
+                           "upsample_factor": 2},
+             "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.001}}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = model
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return "export/params.yaml", model
+
+
+def test_reference_config_must_agree(models):
+    cfg, source, target = models
+    manifest, arrays = manifest_from(source)
+    manifest["params"] = reference_model_config()
+    load_reference_checkpoint(target, cfg, manifest, arrays)
+    # The epsilon is in no variable: only the reference's config can catch it.
+    manifest["params"] = reference_model_config(**{"norm_activation.norm_epsilon": 1e-5})
+    with pytest.raises(ConversionError, match=r"export/params.yaml: task.model.norm_activation.norm_epsilon "
+                                              r"is 1e-05, .*: set MODEL.SPINENET.BN_EPS 1e-05"):
+        load_reference_checkpoint(target, cfg, manifest, arrays)
+    manifest["params"] = reference_model_config(**{"mask_head.num_filters": 32})
+    with pytest.raises(ConversionError, match="set MODEL.ROI_MASK_HEAD.CONV_DIM 32"):
+        load_reference_checkpoint(target, cfg, manifest, arrays)
+    manifest["params"] = reference_model_config(**{"backbone.type": "resnet"})
+    with pytest.raises(ConversionError, match="'resnet'; only SpineNet"):
+        load_reference_checkpoint(target, cfg, manifest, arrays)

@@ -67,7 +67,7 @@ def convert(cfg, checkpoint, output, tf_python=TF_PYTHON):
     spec = reference_spec(cfg)
     manifest, arrays = read_reference(checkpoint, spec, tf_python)
     model = build_model(cfg).eval()
-    name_map = load_reference_checkpoint(model, manifest, arrays)
+    name_map = load_reference_checkpoint(model, cfg, manifest, arrays)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(CONVERTED)}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "__author__": f"tools/convert_tf_checkpoint.py from {checkpoint}"}, output)

@@ -156,13 +156,28 @@ def checkpoint_path(path):
     return path
 
 
+def reference_config(checkpoint):
+    """(path, ``task.model`` dict) of the ``params.yaml`` next to the checkpoint, where
+    there is one: the reference's exporter writes it beside ``saved_model/``, its
+    trainer into the checkpoint directory. None when there is none."""
+    import yaml
+
+    here = os.path.abspath(checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint))
+    for folder in (here, os.path.dirname(here)):
+        path = os.path.join(folder, "params.yaml")
+        if os.path.exists(path):
+            with open(path) as f:
+                return path, yaml.safe_load(f)["task"]["model"]
+    return None
+
+
 def read(checkpoint, spec):
     """The record ``tools/convert_tf_checkpoint.py`` reads: a manifest and the arrays."""
     model = build_reference(reference_params(spec))
     reader = tf.train.load_checkpoint(checkpoint_path(checkpoint))
     shapes = reader.get_variable_to_shape_map()
     graph = object_graph(reader)
-    manifest = {"checkpoint": checkpoint, "components": {}}
+    manifest = {"checkpoint": checkpoint, "components": {}, "params": reference_config(checkpoint)}
     arrays = {}
     for component in COMPONENTS:
         node, where = find(graph, component)

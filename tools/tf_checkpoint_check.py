@@ -20,7 +20,9 @@ compares our mask probabilities for the same boxes with the reference's, per ROI
   native image, to show what the pooler setting is worth. Reported only.
 
 It then converts checkpoints that do not fit the config (SpineNet-96; a head of width
-32) and requires the error to name the config key. Exit status 1 on any failure.
+32), and the SavedModel with a config whose head BatchNorm epsilon differs from its
+params.yaml's (no variable shows that), and requires each error to name the config
+key. Exit status 1 on any failure.
 
     python tools/tf_checkpoint_check.py [--ref-dir DIR]   # DIR: tf_checkpoint_check_tf.py's output
 """
@@ -60,8 +62,13 @@ REFERENCE_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign",
 DETECTRON2_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlignV2",
                         "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "0"]
 TOLERANCE = 1e-4
-# A checkpoint that does not fit must name the key that makes it fit.
-MISMATCHES = {"spinenet96": "MODEL.SPINENET.MODEL_ID", "width32": "MODEL.ROI_MASK_HEAD.CONV_DIM"}
+# A checkpoint that does not fit must name the key that makes it fit:
+# (what to convert, config overrides, the key the error must name).
+MISMATCHES = [
+    ("mismatch_spinenet96", [], "MODEL.SPINENET.MODEL_ID"),
+    ("mismatch_width32", [], "MODEL.ROI_MASK_HEAD.CONV_DIM"),
+    ("export/saved_model", ["MODEL.ROI_MASK_HEAD.BN_EPS", "1e-5"], "MODEL.ROI_MASK_HEAD.BN_EPS"),
+]
 
 
 def roi_probabilities(predictor, image, boxes):
@@ -140,19 +147,20 @@ def main():
         rows.append((f"native, Detectron2's ROIAlignV2: max |p - p_ref| (mean {mean:.2g})", f"{worst:.3g}", None))
         rows.append(("native, Detectron2's ROIAlignV2: min mask IoU", f"{iou:.4f}", None))
 
-        for case, key in MISMATCHES.items():
+        for source, opts, key in MISMATCHES:
             try:
-                convert(cfg, ref / f"mismatch_{case}", Path(tmp) / "mismatch.pth")
+                convert(load_config(CONFIG, OVERRIDES + REFERENCE_ROI_ALIGN + opts), ref / source,
+                        Path(tmp) / "mismatch.pth")
                 message, ok = "converted (should not)", False
             except ConversionError as err:
                 message, ok = str(err), key in str(err)
-            rows.append((f"mismatch {case} fails naming {key}", "", ok))
-            print(f"[tf-checkpoint-check] {case}: {message}", flush=True)
+            rows.append((" ".join([source, *opts]) + f" fails naming {key}", "", ok))
+            print(f"[tf-checkpoint-check] {source}: {message}", flush=True)
 
-    print(f"\n{'check':<72} {'value':>10}  ok")
-    print("-" * 90)
+    print(f"\n{'check':<80} {'value':>10}  ok")
+    print("-" * 98)
     for check, value, ok in rows:
-        print(f"{check:<72} {value:>10}  {'-' if ok is None else 'yes' if ok else 'NO'}")
+        print(f"{check:<80} {value:>10}  {'-' if ok is None else 'yes' if ok else 'NO'}")
     bad = [r for r in rows if r[2] is False]
     held = [r for r in rows if r[2] is not None]
     print(f"\n{len(held) - len(bad)} of {len(held)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))

@@ -62,6 +62,49 @@ def reference_spec(cfg):
     }
 
 
+# What a reference config (params.yaml, task.model) fixes that the variables may not
+# show, with the config keys that must agree: (path in task.model, our keys).
+_PARAMS = (
+    ("backbone.type", ()),
+    ("backbone.spinenet.model_id", ("MODEL.SPINENET.MODEL_ID",)),
+    ("min_level", ("MODEL.SPINENET.MIN_LEVEL",)),
+    ("max_level", ("MODEL.SPINENET.MAX_LEVEL",)),
+    ("mask_head.convnet_variant", ("MODEL.ROI_MASK_HEAD.CONVNET_VARIANT",)),
+    ("mask_head.num_filters", ("MODEL.ROI_MASK_HEAD.CONV_DIM",)),
+    ("mask_head.num_convs", ("MODEL.ROI_MASK_HEAD.NUM_CONV",)),
+    ("mask_head.upsample_factor", ("MODEL.ROI_MASK_HEAD.UPSAMPLE_FACTOR",)),
+    ("mask_roi_aligner.crop_size", ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",)),
+    # Not in any variable: a wrong epsilon changes every output, silently.
+    ("norm_activation.norm_epsilon", ("MODEL.SPINENET.BN_EPS", "MODEL.ROI_MASK_HEAD.BN_EPS")),
+)
+
+
+def check_reference_config(cfg, params):
+    """Raise unless ``cfg`` agrees with the reference's config (``params``: the path of its
+    params.yaml and its ``task.model``), naming the first key that does not."""
+    path, model = params
+    for dotted, keys in _PARAMS:
+        theirs = model
+        for part in dotted.split("."):
+            theirs = theirs[part]
+        if not keys:  # the backbone type: reference_spec has refused all but SpineNet
+            if theirs != "spinenet":
+                raise ConversionError(f"{path}: task.model.{dotted} is {theirs!r}; only SpineNet "
+                                      "checkpoints convert")
+            continue
+        for key in keys:
+            ours = cfg
+            for part in key.split("."):
+                ours = ours[part]
+            if isinstance(theirs, float):
+                same = abs(ours - theirs) <= 1e-9 * abs(theirs)
+            else:  # model ids are strings there, ints here
+                same = str(ours) == str(theirs)
+            if not same:
+                raise ConversionError(f"{path}: task.model.{dotted} is {theirs!r}, the config's "
+                                      f"{key} is {ours!r}: set {key} {theirs}")
+
+
 def _checked_variables(component, entry, arrays):
     """``[(reference name, array)]`` of one component, after checking it fits."""
     expected, unused = entry["variables"], entry["unused"]
@@ -102,11 +145,13 @@ class _MaskHeadLayers(nn.Module):
         return self.head.layers(x)
 
 
-def load_reference_checkpoint(model, manifest, arrays):
+def load_reference_checkpoint(model, cfg, manifest, arrays):
     """Copy a reference checkpoint's backbone and mask head into ``model``, in place.
 
     Args:
-        model: a GeneralizedRCNN built from the config ``manifest`` was read for.
+        model, cfg: a GeneralizedRCNN and the config it was built from, which
+            ``manifest`` was read for; a reference config found next to the checkpoint
+            (params.yaml) must agree with it (:func:`check_reference_config`).
         manifest, arrays: what ``tools/read_tf_checkpoint.py`` writes (its JSON
             manifest, and the arrays keyed ``<component>|<creation index>``).
 
@@ -114,6 +159,8 @@ def load_reference_checkpoint(model, manifest, arrays):
         the name map: ``[(our state_dict key, the reference's variable name, the
         checkpoint's key)]``; every one of ours is under one of :data:`CONVERTED`.
     """
+    if manifest.get("params"):
+        check_reference_config(cfg, manifest["params"])
     components = manifest["components"]
     device = next(model.parameters()).device
     side = model.backbone.size_divisibility

@@ -14,7 +14,11 @@ from torchvision.ops import roi_align
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
+from detectron2.modeling.roi_heads.mask_head import (
+    ROI_MASK_HEAD_REGISTRY,
+    BaseMaskRCNNHead,
+    mask_rcnn_loss,
+)
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
@@ -163,10 +167,28 @@ class DeepMaskHead(BaseMaskRCNNHead):
         )
         return ret
 
+    # DeepMaskROIHeads hands this head every candidate ROI in training, with a
+    # ``trains_mask`` field saying which ones the loss takes (see its _forward_mask).
+    takes_untrained_rois = True
+
     def forward(self, x, instances):
-        if self.training and self.soft_targets:
+        """Detectron2's head forward; in training, if ``instances`` carry ``trains_mask``,
+        every ROI goes through the network (its BatchNorms normalise over all of them,
+        as the reference's over all its boxes) and only the marked ones reach the loss."""
+        if not self.training:
+            return super().forward(x, instances)
+        if instances and instances[0].has("trains_mask"):
+            logits = self.layers(x)
+            keep = torch.cat([i.trains_mask for i in instances])
+            instances = [i[i.trains_mask] for i in instances]
+            return {"loss_mask": self.loss(logits[keep], instances)}
+        return {"loss_mask": self.loss(self.layers(x), instances)}
+
+    def loss(self, logits, instances):
+        """Detectron2's mask loss (on the reference's soft targets if so configured)."""
+        if self.soft_targets:
             instances = [_with_soft_masks(i) for i in instances]
-        return super().forward(x, instances)
+        return mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight
 
     def layers(self, x):
         # A lone training ROI: BatchNorm cannot take batch statistics from the one

@@ -71,9 +71,11 @@ class DeepMaskROIHeads(StandardROIHeads):
 
     The mask loss stays Detectron2's ``mask_rcnn_loss`` (through the mask head), applied
     to the kept instances only: per-pixel sigmoid cross-entropy averaged over their pixels.
-    If a batch keeps no instance, the head runs on zero ROIs and that loss is
-    ``logits.sum() * 0``: zero, yet a graph through every mask-head parameter, so
-    DistributedDataParallel finds gradients for all of them. Inference is unchanged.
+    A DeepMaskHead sees every candidate box (its BatchNorms normalise over all of them,
+    as the reference's do) and its loss takes the kept ones; another head sees the kept
+    ones only. If a batch keeps no instance, the loss is ``logits.sum() * 0``: zero, yet
+    a graph through every mask-head parameter, so DistributedDataParallel finds
+    gradients for all of them. Inference is unchanged.
     """
 
     @configurable
@@ -149,9 +151,10 @@ class DeepMaskROIHeads(StandardROIHeads):
         ``proposal_boxes``: the field the mask pooler reads and ``mask_rcnn_loss`` crops
         the target masks with. Otherwise they are the sampled proposals, which
         ``label_and_sample_proposals`` gave every ``gt_*`` field of their matched target
-        (``gt_has_mask`` included). Either way only :meth:`trains_mask` instances are kept;
-        for proposals that is foreground ones only, the selection the parent's
-        ``_forward_mask`` then repeats (a no-op on them).
+        (``gt_has_mask`` included). Either way only :meth:`trains_mask` instances reach
+        the loss: a head with ``takes_untrained_rois`` (DeepMaskHead) gets them all with
+        a ``trains_mask`` field, another head only those (for proposals the foreground
+        ones, the selection the parent's ``_forward_mask`` then repeats).
         """
         if self.mask_use_gt_boxes:
             instances = []
@@ -163,6 +166,21 @@ class DeepMaskROIHeads(StandardROIHeads):
             instances = proposals
         if self.mask_allowed_classes is None and not any(t.has("gt_has_mask") for t in targets):
             return instances  # every instance has a mask and every class is allowed
+        if getattr(self.mask_head, "takes_untrained_rois", False):
+            # The root of a divergence (Hourglass-52, GT boxes, a batch where 2 instances
+            # of the allowed classes were drawn): at the hourglass's 1x1 levels
+            # BatchNorm normalises over one value per ROI, and over 2 values it scales
+            # the gradient by up to 1/(2 sqrt(eps)) per layer, 1e5 through the stack,
+            # into the backbone. The reference never normalises over so few: its head
+            # runs on every GT box of the batch (padded to 100 per image) and its loss
+            # masks out the rest. So here: every candidate goes through the head, and
+            # ``trains_mask`` selects the loss's instances (DeepMaskHead.forward).
+            out = []
+            for x in instances:
+                x = Instances(x.image_size, **x.get_fields())
+                x.trains_mask = self.trains_mask(x)
+                out.append(x)
+            return out
         return [x[self.trains_mask(x)] for x in instances]
 
     def trains_mask(self, instances: Instances) -> torch.Tensor:

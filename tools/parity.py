@@ -20,7 +20,8 @@ of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 
 64 ROIs each, and SpineNet-49 at 640 x 640. The reference runs under ``tf.function``
 (as it trains) in a worker process (``tools/parity_tf.py --speed-worker``); the two
 sides' runs alternate, so load from other processes falls on both; each row gives
-the median and the minimum of ``--speed-repeats`` runs.
+the median and the minimum wall time of ``--speed-repeats`` runs, and the median
+process CPU time, which such load inflates less.
 
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
@@ -245,20 +246,22 @@ def print_table(rows):
 
 
 def _time_ours(model, x, mode):
-    """Seconds of one forward (eval, no autograd) or forward+backward (train) call."""
-    start = time.perf_counter()
+    """Wall and process CPU seconds of one forward (eval, no autograd) or
+    forward+backward (train) call."""
+    start, cpu = time.perf_counter(), time.process_time()
     if mode == "forward":
         with torch.inference_mode():
             model.eval()(x)
     else:
         sum(y.sum() for y in model.train()(x).values()).backward()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start, time.process_time() - cpu
     model.zero_grad(set_to_none=True)
     return seconds
 
 
 def speed(cases, repeats, threads):
-    """Rows ``(case, input, mode, our seconds, the reference's seconds)`` (lists of runs)."""
+    """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
+    (wall, CPU) seconds per run."""
     torch.set_num_threads(threads)
     worker = subprocess.Popen(
         [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
@@ -288,7 +291,7 @@ def speed(cases, repeats, threads):
                     # Alternate who goes first, so neither always follows the other.
                     for side in ((0, 1) if round_ % 2 == 0 else (1, 0)):
                         runs[side].append(_time_ours(models[name], inputs[name], mode) if side == 0
-                                          else float(reference(time=name, mode=mode)))
+                                          else tuple(map(float, reference(time=name, mode=mode).split())))
     finally:
         worker.stdin.close()
         worker.wait()
@@ -296,18 +299,25 @@ def speed(cases, repeats, threads):
             for name in cases for mode in SPEED_MODES]
 
 
-def print_speed_table(rows, repeats, threads, load):
+def print_speed_table(cases, repeats, threads):
+    load_before = os.getloadavg()[0]
+    rows = speed(cases, repeats, threads)
+    load = load_before, os.getloadavg()[0]
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
           f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
-          f"{load[1]:.1f} after ({os.cpu_count()} CPUs)")
-    print(f"{'case':<13} {'input (TF layout)':<18} {'mode':<17} {'ours':>15} {'reference':>15}  "
-          f"{'ours / ref (median, min)':>24}")
-    print("-" * 110)
+          f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
+          "threads), which other jobs' load inflates less than the wall time.")
+    print(f"{'case':<13} {'input (TF layout)':<18} {'mode':<17} {'ours wall':>15} {'ref wall':>15} "
+          f"{'ours CPU':>8} {'ref CPU':>8}   ours / ref: wall median, min; CPU median")
+    print("-" * 132)
     for name, shape, mode, ours, ref in rows:
-        ours_ms, ref_ms = (1e3 * np.median(ours), 1e3 * min(ours)), (1e3 * np.median(ref), 1e3 * min(ref))
-        print(f"{name:<13} {shape:<18} {mode:<17} {ours_ms[0]:>7.0f} /{ours_ms[1]:>6.0f} "
-              f"{ref_ms[0]:>7.0f} /{ref_ms[1]:>6.0f}  {ours_ms[0] / ref_ms[0]:>12.2f}, {ours_ms[1] / ref_ms[1]:.2f}")
+        (ours_wall, ours_cpu), (ref_wall, ref_cpu) = (1e3 * np.array(ours).T, 1e3 * np.array(ref).T)
+        ratios = (np.median(ours_wall) / np.median(ref_wall), ours_wall.min() / ref_wall.min(),
+                  np.median(ours_cpu) / np.median(ref_cpu))
+        print(f"{name:<13} {shape:<18} {mode:<17} {np.median(ours_wall):>7.0f} /{ours_wall.min():>6.0f} "
+              f"{np.median(ref_wall):>7.0f} /{ref_wall.min():>6.0f} {np.median(ours_cpu):>8.0f} "
+              f"{np.median(ref_cpu):>8.0f}   " + ", ".join(f"{r:.2f}" for r in ratios))
 
 
 def main():
@@ -327,10 +337,7 @@ def main():
     if (speed_cases or args.ref_dir is None) and not TF_PYTHON.exists():
         sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
     if args.speed_only:
-        load = os.getloadavg()[0]
-        rows = speed(speed_cases, args.speed_repeats, args.threads)
-        print_speed_table(rows, args.speed_repeats, args.threads, (load, os.getloadavg()[0]))
-        return
+        return print_speed_table(speed_cases, args.speed_repeats, args.threads)
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         ref_dir = args.ref_dir
         if ref_dir is None:
@@ -347,9 +354,7 @@ def main():
     bad = [r for r in rows if not r[-1]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))
     if speed_cases:
-        load = os.getloadavg()[0]
-        speed_rows = speed(speed_cases, args.speed_repeats, args.threads)
-        print_speed_table(speed_rows, args.speed_repeats, args.threads, (load, os.getloadavg()[0]))
+        print_speed_table(speed_cases, args.speed_repeats, args.threads)
     sys.exit(1 if bad else 0)
 
 

@@ -13,7 +13,8 @@ With ``--speed-worker`` it instead times the reference for ``tools/parity.py``'s
 table, in float32 under ``tf.function`` as the reference trains: it reads one JSON
 request a line on stdin (``{"build": case, "shape": input shape}``, then
 ``{"time": case, "mode": "forward" | "forward+backward"}``) and answers each with
-one line (``ok``, or the seconds of one call), so the two sides' runs can alternate.
+one line (``ok``, or the wall and process CPU seconds of one call), so the two sides'
+runs can alternate.
 
     .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head]
     .venv-tf/bin/python tools/parity_tf.py --speed-worker --threads 2
@@ -192,9 +193,9 @@ def speed_worker():
             answer = "ok"
         else:
             step = steps[request["time"]][request["mode"]]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             step()
-            answer = str(time.perf_counter() - start)
+            answer = f"{time.perf_counter() - start} {time.process_time() - cpu}"
         print(answer, flush=True)
 
 

@@ -51,17 +51,60 @@ def init_xla_process():
     return str(torch_xla.device())
 
 
+# Modules after whose forward the pending graph is executed (paths in the model, skipped
+# where absent): the backbone and each head's last layer. Detectron2's step reads tensor
+# values mid-way (matching, sampling, NMS, RoIAlign's CPU fallback, accuracy statistics):
+# ~70 reads in a Mask R-CNN step, and each compiles and runs everything it depends on that
+# is not on the device yet. Uncut, the backbone was in ~25 of those graphs (140-180 inputs
+# each), the heads in ~5 each.
+SYNC_AFTER = (
+    "backbone",
+    "proposal_generator.rpn_head",
+    "roi_heads.box_predictor",
+    "roi_heads.mask_head.predictor",
+)
+
+
+def _sync_hook(module, inputs, output):
+    torch_xla.sync()
+
+
 class XLASimpleTrainer(SimpleTrainer):
-    """Detectron2's step under bf16 autocast, cut into an XLA graph at its end."""
+    """Detectron2's step under bf16 autocast, cut into XLA graphs where it pays.
+
+    The cuts: after the modules of ``SYNC_AFTER`` (their outputs and the activations
+    saved for backward become device data, computed once; in evaluation too, the hooks
+    stay on the model), and at the step's end, before the metrics are read (Detectron2
+    reads the losses between backward and the optimizer step, which compiled the forward
+    once more per loss). The operations are unchanged; under bf16 a value at a cut is
+    stored in bf16 where a fused graph may have kept it in f32 (one step of the XLA test:
+    total loss 4.8550 uncut, 4.8503 cut, same sampled proposals and anchors).
+    """
 
     def __init__(self, model, data_loader, optimizer, bf16=True):
         super().__init__(model, data_loader, optimizer)
         self.bf16 = bf16
+        self._pending_metrics = None
+        inner = getattr(model, "module", model)  # DistributedDataParallel's wrapped model
+        for path in SYNC_AFTER:
+            module = inner
+            for name in path.split("."):
+                module = getattr(module, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.register_forward_hook(_sync_hook)
 
     def run_step(self):
         with torch.autocast("xla", dtype=torch.bfloat16, enabled=self.bf16):
             super().run_step()
         torch_xla.sync()
+        if self._pending_metrics is not None:
+            args, kwargs = self._pending_metrics
+            self._pending_metrics = None
+            super()._write_metrics(*args, **kwargs)
+
+    def _write_metrics(self, *args, **kwargs):
+        # Called by Detectron2's run_step before the graph has run: written once it has.
+        self._pending_metrics = (args, kwargs)
 
 
 class _OnCPU:

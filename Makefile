@@ -32,7 +32,8 @@ demo: setup
 
 # Our ports (SpineNet-49..190, every DeepMaskHead variant) against the TF Model Garden
 # reference with the same weights, float64, eval and train mode: one table, exit 1 on a
-# mismatch (tools/parity.py; .venv-tf runs the reference; ~10 min on 2 cores).
+# mismatch (tools/parity.py; .venv-tf runs the reference; ~10 min on 2 cores); then the
+# speed table, ours vs the reference on 2 threads each (~8-15 min; tools/parity.py --speed-repeats 0 skips it).
 parity: setup setup-tf
 	$(VENV) tools/parity.py
 

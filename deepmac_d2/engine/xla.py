@@ -76,9 +76,11 @@ class XLASimpleTrainer(SimpleTrainer):
     saved for backward become device data, computed once; in evaluation too, the hooks
     stay on the model), and at the step's end, before the metrics are read (Detectron2
     reads the losses between backward and the optimizer step, which compiled the forward
-    once more per loss). The operations are unchanged; under bf16 a value at a cut is
-    stored in bf16 where a fused graph may have kept it in f32 (one step of the XLA test:
-    total loss 4.8550 uncut, 4.8503 cut, same sampled proposals and anchors).
+    once more per loss). The operations are unchanged: in fp32, the XLA test's model gives
+    bitwise the same features, RPN outputs, proposals and mask loss cut and uncut. What
+    differs is which anchors and ROIs Detectron2 samples at random (torch-xla derives
+    random seeds per graph), and under bf16 a value at a cut is rounded to bf16 where a
+    fused graph may have kept it in f32 (one bf16 step: total loss 4.8550 uncut, 4.8503 cut).
     """
 
     def __init__(self, model, data_loader, optimizer, bf16=True):

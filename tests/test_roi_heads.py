@@ -186,6 +186,25 @@ def test_proposals_are_used_without_gt_boxes():
     assert not all(any(torch.equal(p, g) for g in gt) for p in pooled)
 
 
+def test_deep_mask_head_on_proposals_runs_every_foreground_one_and_no_background():
+    # Only class 0's masks train, but the hourglass's BatchNorm sees every foreground
+    # proposal (the reference's mask sampler draws from those); background ones, with no
+    # mask in any class, are not pooled at all.
+    heads = make_heads(make_cfg("DeepMaskHead", use_gt_boxes=False), allowed=[0])
+    seen = spy_mask_branch(heads)
+    features, proposals, targets = batch()
+    run(heads, features, proposals, targets)
+    (sampled,) = seen["box_proposals"]
+    foreground = torch.cat([p.proposal_boxes.tensor[p.gt_classes != 3] for p in sampled])
+    background = sum(int((p.gt_classes == 3).sum()) for p in sampled)
+    assert background > 0 and len(foreground) > 0
+    assert torch.equal(torch.cat(seen["boxes"][0]), foreground)
+    (loss_instances,) = seen["instances"]
+    assert all((x.gt_classes == 0).all() for x in loss_instances)
+    assert sum(len(x) for x in loss_instances) == int(
+        sum((p.gt_classes == 0).sum() for p in sampled))
+
+
 @pytest.mark.parametrize("use_gt_boxes", [True, False])
 def test_disallowed_classes_do_not_train_the_mask_head(use_gt_boxes):
     heads = make_heads(make_cfg(use_gt_boxes=use_gt_boxes), allowed=[0])

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["GridRun", "RESULT_FILE", "SPEC_FILE", "WORKER_FILE", "aggregate", "json_safe",
-           "mean_std", "run_grid", "write_json"]
+           "mean_ci95", "mean_std", "run_grid", "t_quantile", "write_json"]
 
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
@@ -157,6 +157,45 @@ def mean_std(values: Sequence[float]):
     mean = float(v.mean()) if v.size else float("nan")
     std = float(v.std(ddof=1)) if v.size > 1 else float("nan")
     return mean, std
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile, by bisection on its CDF (the density integrated with
+    Simpson's rule): no SciPy in the environment, and a table would cap the df."""
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x):  # P(T <= x) for x >= 0
+        t = np.linspace(0.0, x, 2001)
+        f = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df))
+        h = x / 2000
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci95(values_by_unit: Sequence[Sequence[float]]):
+    """Mean and 95% interval of a metric measured ``values_by_unit[i][j]``: replicate j
+    within independent unit i (e.g. head seeds trained on detector seed i).
+
+    The replicates of one unit share that unit's draw, so they are not independent:
+    the interval is Student-t on the unit means (df = units - 1), which covers both the
+    between-unit and the within-unit noise (a balanced nested design's standard error).
+    Returns ``(mean, (low, high))``; NaN bounds with fewer than 2 units.
+    """
+    unit_means = np.array([np.mean(v) for v in values_by_unit], dtype=np.float64)
+    mean = float(unit_means.mean())
+    if len(unit_means) < 2:
+        return mean, (float("nan"), float("nan"))
+    half = t_quantile(0.975, len(unit_means) - 1) * unit_means.std(ddof=1) / math.sqrt(len(unit_means))
+    return mean, (mean - half, mean + half)
 
 
 def aggregate(rows: Sequence[Mapping], keys: Sequence[str], metrics: Sequence[str]) -> List[Dict]:

@@ -152,9 +152,10 @@ class DeepMaskROIHeads(StandardROIHeads):
         the target masks with. Otherwise they are the sampled proposals, which
         ``label_and_sample_proposals`` gave every ``gt_*`` field of their matched target
         (``gt_has_mask`` included). Either way only :meth:`trains_mask` instances reach
-        the loss: a head with ``takes_untrained_rois`` (DeepMaskHead) gets them all with
-        a ``trains_mask`` field, another head only those (for proposals the foreground
-        ones, the selection the parent's ``_forward_mask`` then repeats).
+        the loss: a head with ``takes_untrained_rois`` (DeepMaskHead) gets every GT box,
+        or every foreground proposal (the set the reference's mask sampler draws from),
+        with a ``trains_mask`` field; another head only the :meth:`trains_mask` ones
+        (for proposals, the selection the parent's ``_forward_mask`` then repeats).
         """
         if self.mask_use_gt_boxes:
             instances = []
@@ -177,7 +178,10 @@ class DeepMaskROIHeads(StandardROIHeads):
             # ``trains_mask`` selects the loss's instances (DeepMaskHead.forward).
             out = []
             for x in instances:
-                x = Instances(x.image_size, **x.get_fields())
+                if self.mask_use_gt_boxes:
+                    x = Instances(x.image_size, **x.get_fields())
+                else:  # background proposals have no mask to learn, here or there
+                    x = x[(x.gt_classes >= 0) & (x.gt_classes != self.num_classes)]
                 x.trains_mask = self.trains_mask(x)
                 out.append(x)
             return out

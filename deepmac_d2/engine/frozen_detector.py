@@ -1,0 +1,277 @@
+"""Mask heads trained and evaluated on one frozen detector: the head is the only variable.
+
+When each mask head is trained with its own Mask R-CNN, a difference in mask AP mixes
+the head with everything the head's gradients and the run's randomness did to the
+backbone, RPN and box head. Here a detector is trained once (boxes of every class, no
+mask branch) and frozen; its FPN features, RPN proposals and test detections are
+computed once (:func:`cache_frozen_images`), and every mask head then trains on those
+features through :class:`DeepMaskROIHeads`' own training path (proposal sampling, GT
+boxes, allowed classes: :func:`train_mask_head`) and is scored on the same detections
+(:func:`evaluate_mask_head`). Training a head costs its own forward and backward only,
+so it can run until its loss flattens.
+"""
+import contextlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import EventStorage
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ..data.dataset_mapper import InstanceMaskDatasetMapper
+from ..evaluation.given_box_iou import GivenBoxMapper, mask_iou
+from ..evaluation.subset_evaluation import subset_coco_metrics
+
+__all__ = ["FrozenImages", "cache_frozen_images", "evaluate_mask_head", "frozen_mappers",
+           "train_mask_head"]
+
+
+@dataclass
+class FrozenImages:
+    """What a frozen detector computed on a set of images, at the network's input size.
+
+    ``features``: one float16 tensor per image and FPN level (C x H x W, unpadded
+    beyond the backbone's size divisibility). ``targets``: ``gt_boxes``, ``gt_classes``,
+    ``gt_masks`` (BitMasks) and ``gt_has_mask`` at the input size (train), or at the
+    original size (test). ``proposals``: the RPN's (``proposal_boxes``,
+    ``objectness_logits``). ``detections``: the box head's (``pred_boxes``, ``scores``,
+    ``pred_classes``), test only. ``original_sizes``: (height, width) on disk;
+    ``image_ids``: the dataset's ids.
+    """
+
+    features: List[Dict[str, torch.Tensor]]
+    image_sizes: List[tuple]
+    original_sizes: List[tuple]
+    image_ids: List
+    targets: List[Instances]
+    proposals: List[Instances]
+    detections: Optional[List[Instances]] = None
+
+    def __len__(self):
+        return len(self.features)
+
+    def batch(self, indices: Sequence[int], device="cpu"):
+        """Padded float32 features of ``indices`` as the ROI heads take them, and the
+        image sizes."""
+        levels = self.features[0].keys()
+        features = {
+            k: ImageList.from_tensors([self.features[i][k].float() for i in indices]).tensor.to(device)
+            for k in levels
+        }
+        return features, [self.image_sizes[i] for i in indices]
+
+
+def frozen_mappers(cfg, *, train: bool):
+    """The dataset mappers whose outputs :func:`cache_frozen_images` runs the detector on.
+
+    Train: the training mapper's target handling (box-only instances kept with
+    ``gt_has_mask``; masks in INPUT.MASK_FORMAT) at the test-time size, once as is and
+    once mirrored: the synthetic config's only augmentation, fixed in advance so that
+    the features can be reused. Test: the image at the test-time size, its ground truth
+    at the original size, where COCO evaluation compares masks (``GivenBoxMapper``).
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.MASK_ON = True  # the detector's config may have none; the heads need masks
+    if not train:
+        return [GivenBoxMapper(cfg)]
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    kwargs = InstanceMaskDatasetMapper.from_config(cfg, is_train=True)
+    return [InstanceMaskDatasetMapper(**dict(kwargs, augmentations=augs, recompute_boxes=False))
+            for augs in ([resize], [resize, T.RandomFlip(prob=1.0)])]
+
+
+@torch.no_grad()
+def cache_frozen_images(model, dataset_dicts: Sequence[dict], mappers, *, detections: bool):
+    """Run a detector's backbone and RPN (and, with ``detections``, its box head) once
+    on every ``mapper(dataset_dict)`` (see :func:`frozen_mappers`)."""
+    was_training = model.training
+    model.eval()
+    out = FrozenImages([], [], [], [], [], [], [] if detections else None)
+    try:
+        for d in dataset_dicts:
+            for mapper in mappers:
+                x = mapper(d)
+                images = model.preprocess_image([x])
+                features = model.backbone(images.tensor)
+                proposals, _ = model.proposal_generator(images, features)
+                if detections:
+                    dets, _ = model.roi_heads(images, features, proposals)
+                    out.detections.append(dets[0].to("cpu"))
+                out.features.append({k: v[0].half().cpu() for k, v in features.items()})
+                out.image_sizes.append(tuple(x["image"].shape[-2:]))
+                out.original_sizes.append((x["height"], x["width"]))
+                out.image_ids.append(x["image_id"])
+                out.targets.append(x["instances"])
+                out.proposals.append(proposals[0].to("cpu"))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def train_mask_head(
+    roi_heads,
+    images: FrozenImages,
+    *,
+    iterations: int,
+    ims_per_batch: int,
+    base_lr: float,
+    weight_decay: float = 1e-4,
+    warmup_iters: int = 50,
+    generator: torch.Generator,
+    device="cpu",
+    on_step=None,
+) -> List[float]:
+    """Train ``roi_heads.mask_head`` alone on cached features; returns the loss per step.
+
+    Each step draws ``ims_per_batch`` images and runs the ROI heads' own mask-training
+    path on them: ``label_and_sample_proposals`` (the box branch's sampling, GT boxes
+    appended), ``mask_training_instances`` (GT boxes or foreground proposals, allowed
+    classes, instances with masks) and ``_forward_mask`` (pooler, head, Detectron2's
+    mask loss). SGD with momentum 0.9, a linear warmup and a cosine decay to zero, so
+    that the run ends where its loss has flattened rather than wherever a step schedule
+    left it. ``on_step(step, loss)`` is called after each step.
+    """
+    head = roi_heads.mask_head
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=weight_decay)
+
+    def lr_at(step):
+        warm = min(1.0, (step + 1) / warmup_iters) if warmup_iters else 1.0
+        return base_lr * warm * 0.5 * (1 + math.cos(math.pi * step / iterations))
+
+    roi_heads.train()
+    losses = []
+    with EventStorage():  # label_and_sample_proposals records its sampling statistics
+        for step in range(iterations):
+            indices = torch.randperm(len(images), generator=generator)[:ims_per_batch].tolist()
+            features, _ = images.batch(indices, device)
+            targets = [images.targets[i].to(device) for i in indices]
+            # The generator decides which proposals are sampled: seeded runs repeat.
+            with _global_rng(generator):
+                sampled = roi_heads.label_and_sample_proposals(
+                    [images.proposals[i].to(device) for i in indices], targets
+                )
+                mask_instances = roi_heads.mask_training_instances(sampled, targets)
+                loss = roi_heads._forward_mask(features, mask_instances)["loss_mask"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"mask loss is {losses[-1]} at step {step}")
+            if on_step is not None:
+                on_step(step, losses[-1])
+    return losses
+
+
+@contextlib.contextmanager
+def _global_rng(generator: torch.Generator):
+    """Torch's global RNG seeded from ``generator`` inside the block (Detectron2's
+    sampling draws from it), restored after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@torch.no_grad()
+def _masks_at(roi_heads, images: FrozenImages, boxes: List[Instances], batch_size: int, device):
+    """``roi_heads``' masks for ``boxes`` (``pred_boxes``, ``pred_classes`` at the input
+    size) per image, pasted at the original size, on the CPU."""
+    roi_heads.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        indices = list(range(start, min(start + batch_size, len(images))))
+        features, _ = images.batch(indices, device)
+        # Copies: the mask head writes pred_masks into its input, and detector_postprocess
+        # rescales the boxes in place; the cached instances stay as they are.
+        given = []
+        for i in indices:
+            x = Instances(boxes[i].image_size, **boxes[i].get_fields())
+            x.pred_boxes = boxes[i].pred_boxes.clone()
+            given.append(x.to(device))
+        instances = roi_heads.forward_with_given_boxes(features, given)
+        for i, inst in zip(indices, instances):
+            out.append(detector_postprocess(inst.to("cpu"), *images.original_sizes[i]))
+    return out
+
+
+def evaluate_mask_head(
+    roi_heads,
+    images: FrozenImages,
+    dataset_name: str,
+    class_subsets: Mapping[str, Sequence[int]],
+    *,
+    batch_size: int = 8,
+    device="cpu",
+) -> Dict[str, Dict[str, float]]:
+    """Mask AP on ``images.detections`` and mean mask IoU at the ground-truth boxes,
+    per class subset (dataset category ids).
+
+    The detections are fixed, so between two heads only the masks differ. AP is
+    pycocotools' COCOeval (segm) on the dataset's json, restricted to each subset's
+    categories; IoU is per instance, at the original size (as in
+    :func:`~deepmac_d2.evaluation.given_box_mask_iou`).
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    to_dataset_id = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+    results = []
+    detections = _masks_at(roi_heads, images, images.detections, batch_size, device)
+    for image_id, det in zip(images.image_ids, detections):
+        masks = det.pred_masks.numpy().astype(np.uint8)
+        for k in range(len(det)):
+            rle = mask_util.encode(np.asfortranarray(masks[k]))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({
+                "image_id": image_id,
+                "category_id": to_dataset_id[int(det.pred_classes[k])],
+                "segmentation": rle,
+                "score": float(det.scores[k]),
+            })
+    if not results:
+        raise ValueError("the frozen detector made no detection on the test images: train it "
+                         "longer, or lower MODEL.ROI_HEADS.SCORE_THRESH_TEST")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        coco_gt = COCO(meta.json_file)
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "segm")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+
+    # IoU at the ground-truth boxes: the test targets are at the original size, the
+    # head takes boxes at the input size.
+    given = []
+    for i, t in enumerate(images.targets):
+        scale_y = images.image_sizes[i][0] / images.original_sizes[i][0]
+        scale_x = images.image_sizes[i][1] / images.original_sizes[i][1]
+        boxes = t.gt_boxes.clone()
+        boxes.scale(scale_x, scale_y)
+        given.append(Instances(images.image_sizes[i], pred_boxes=boxes, pred_classes=t.gt_classes))
+    pasted = _masks_at(roi_heads, images, given, batch_size, device)
+    ious, classes = [], []
+    for t, p in zip(images.targets, pasted):
+        ious.append(mask_iou(p.pred_masks, t.gt_masks.tensor))
+        classes.append(t.gt_classes)
+    ious, classes = torch.cat(ious), torch.cat(classes)
+    out = {}
+    for name, ids in class_subsets.items():
+        contiguous = torch.tensor([meta.thing_dataset_id_to_contiguous_id[i] for i in ids])
+        in_subset = torch.isin(classes, contiguous)
+        out[name] = dict(
+            subset_coco_metrics(coco_eval, list(ids)),
+            IoU_at_GT=float(ious[in_subset].mean()) if in_subset.any() else float("nan"),
+        )
+    return out

@@ -6,6 +6,7 @@ masks are known, so that its mask AP and IoU at GT boxes have exact expected val
 ``train_mask_head`` on cached random features: the loss falls and only the head moves.
 The study end to end (detectors as subprocesses, tables, plots) runs in the slow test.
 """
+import copy
 import json
 import math
 import os
@@ -24,8 +25,14 @@ from detectron2.structures import BitMasks, Boxes, Instances
 
 from deepmac_d2 import add_deepmac_config
 from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic, register_synthetic
-from deepmac_d2.engine.frozen_detector import FrozenImages, evaluate_mask_head, train_mask_head
+from deepmac_d2.engine.frozen_detector import (
+    FrozenImages,
+    evaluate_mask_head,
+    precise_mask_head_bn,
+    train_mask_head,
+)
 from deepmac_d2.engine.grid import mean_ci95, t_quantile
+from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "head_study.py")
@@ -193,13 +200,15 @@ def test_evaluation_without_detections_names_the_fix(tiny_val):
         evaluate_mask_head(_KnownMasks(_box_mask), empty, "hs_test_val", {"seen": [1]})
 
 
-def test_head_training_on_cached_features_lowers_the_loss_and_moves_only_the_head():
+def _rectangle_heads_and_images(variant="default"):
+    """ROI heads with a small DeepMaskHead, and 4 cached images whose one instance's mask
+    is a rectangle drawn in feature channel 0 (+1 in, -1 out): learnable from the features."""
     cfg = get_cfg()
     add_deepmac_config(cfg)
     cfg.merge_from_list([
         "MODEL.MASK_ON", "True", "MODEL.ROI_HEADS.NAME", "DeepMaskROIHeads",
         "MODEL.ROI_HEADS.NUM_CLASSES", "2", "MODEL.ROI_HEADS.IN_FEATURES", "['p2']",
-        "MODEL.ROI_MASK_HEAD.NAME", "DeepMaskHead", "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "default",
+        "MODEL.ROI_MASK_HEAD.NAME", "DeepMaskHead", "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", variant,
         "MODEL.ROI_MASK_HEAD.CONV_DIM", "8", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "8",
         "MODEL.ROI_MASK_HEAD.USE_GT_BOXES", "True", "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
         "MODEL.ROI_BOX_HEAD.NUM_FC", "1", "MODEL.ROI_BOX_HEAD.FC_DIM", "16",
@@ -209,7 +218,7 @@ def test_head_training_on_cached_features_lowers_the_loss_and_moves_only_the_hea
     roi_heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=4, stride=4)})
     features, targets, proposals = [], [], []
     g = torch.Generator().manual_seed(0)
-    for i in range(4):  # the mask: a rectangle, drawn in feature channel 0 (+1 in, -1 out)
+    for i in range(4):
         y0, x0 = torch.randint(0, 8, (2,), generator=g).tolist()
         inside = torch.zeros(16, 16, dtype=torch.bool)
         inside[y0:y0 + 8, x0:x0 + 8] = True
@@ -225,6 +234,11 @@ def test_head_training_on_cached_features_lowers_the_loss_and_moves_only_the_hea
                                    objectness_logits=torch.zeros(1)))
     images = FrozenImages(features, [(64, 64)] * 4, [(64, 64)] * 4, list(range(4)),
                           targets, proposals)
+    return cfg, roi_heads, images
+
+
+def test_head_training_on_cached_features_lowers_the_loss_and_moves_only_the_head():
+    cfg, roi_heads, images = _rectangle_heads_and_images()
     box_before = [p.clone() for p in roi_heads.box_predictor.parameters()]
     losses = train_mask_head(roi_heads, images, iterations=60, ims_per_batch=2, base_lr=0.05,
                              warmup_iters=5, generator=torch.Generator().manual_seed(0))
@@ -232,10 +246,37 @@ def test_head_training_on_cached_features_lowers_the_loss_and_moves_only_the_hea
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     assert all(torch.equal(a, b) for a, b in zip(box_before, roi_heads.box_predictor.parameters()))
     # Seeded: the same generator repeats the run.
-    torch.manual_seed(0)
-    again = build_roi_heads(cfg, {"p2": ShapeSpec(channels=4, stride=4)})
+    _, again, _ = _rectangle_heads_and_images()
     assert train_mask_head(again, images, iterations=60, ims_per_batch=2, base_lr=0.05,
                            warmup_iters=5, generator=torch.Generator().manual_seed(0)) == losses
+
+
+@pytest.mark.parametrize("variant", ["default", "hourglass10"])
+def test_precise_bn_gives_the_statistics_of_the_training_data(variant):
+    # Every batch holds all 4 images, so the population statistics are that batch's:
+    # after recomputing them, the head in eval mode computes what it computes in train
+    # mode (batch statistics), although its running statistics were made wrong first.
+    _, roi_heads, images = _rectangle_heads_and_images(variant)
+    head = roi_heads.mask_head
+    bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    classes = [type(m) for m in head.modules()]
+    assert (KerasBatchNorm2d in classes) == (variant != "default")
+    for bn in bns:
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(0.01)
+    features, _ = images.batch(range(4))
+    pooled = roi_heads.mask_pooler([features["p2"]], [t.gt_boxes for t in images.targets])
+    with torch.no_grad():
+        train_mode = copy.deepcopy(head).train().layers(pooled)
+        stale = head.eval().layers(pooled)
+    assert (stale - train_mode).abs().max() > 1.0
+    precise_mask_head_bn(roi_heads, images, num_batches=3, ims_per_batch=4,
+                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        recomputed = head.eval().layers(pooled)
+    assert torch.allclose(recomputed, train_mode, atol=1e-4, rtol=1e-4)
+    # The hourglass's KerasBatchNorm2d layers (swapped for PyTorch's while measured) are back.
+    assert [type(m) for m in head.modules()] == classes
 
 
 @pytest.mark.slow

@@ -24,15 +24,17 @@ from detectron2.data import transforms as T
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
+from fvcore.nn.precise_bn import update_bn_stats
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..data.dataset_mapper import InstanceMaskDatasetMapper
 from ..evaluation.given_box_iou import GivenBoxMapper, mask_iou
 from ..evaluation.subset_evaluation import subset_coco_metrics
+from ..modeling.hourglass import KerasBatchNorm2d
 
 __all__ = ["FrozenImages", "cache_frozen_images", "evaluate_mask_head", "frozen_mappers",
-           "train_mask_head"]
+           "precise_mask_head_bn", "train_mask_head"]
 
 
 @dataclass
@@ -134,10 +136,7 @@ def train_mask_head(
     """Train ``roi_heads.mask_head`` alone on cached features; returns the loss per step.
 
     Each step draws ``ims_per_batch`` images and runs the ROI heads' own mask-training
-    path on them: ``label_and_sample_proposals`` (the box branch's sampling, GT boxes
-    appended), ``mask_training_instances`` (GT boxes or foreground proposals, allowed
-    classes, instances with masks) and ``_forward_mask`` (pooler, head, Detectron2's
-    mask loss). SGD with momentum 0.9, a linear warmup and a cosine decay to zero, so
+    path on them (:class:`_MaskTrainingPass`). SGD with momentum 0.9, a linear warmup and a cosine decay to zero, so
     that the run ends where its loss has flattened rather than wherever a step schedule
     left it. ``on_step(step, loss)`` is called after each step.
     """
@@ -150,30 +149,81 @@ def train_mask_head(
         return base_lr * warm * 0.5 * (1 + math.cos(math.pi * step / iterations))
 
     roi_heads.train()
+    mask_pass = _MaskTrainingPass(roi_heads, images, generator, device)
     losses = []
-    with EventStorage():  # label_and_sample_proposals records its sampling statistics
-        for step in range(iterations):
-            indices = torch.randperm(len(images), generator=generator)[:ims_per_batch].tolist()
-            features, _ = images.batch(indices, device)
-            targets = [images.targets[i].to(device) for i in indices]
-            # The generator decides which proposals are sampled: seeded runs repeat.
-            with _global_rng(generator):
-                sampled = roi_heads.label_and_sample_proposals(
-                    [images.proposals[i].to(device) for i in indices], targets
-                )
-                mask_instances = roi_heads.mask_training_instances(sampled, targets)
-                loss = roi_heads._forward_mask(features, mask_instances)["loss_mask"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"mask loss is {losses[-1]} at step {step}")
-            if on_step is not None:
-                on_step(step, losses[-1])
+    for step in range(iterations):
+        loss = mask_pass(_draw(images, ims_per_batch, generator))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"mask loss is {losses[-1]} at step {step}")
+        if on_step is not None:
+            on_step(step, losses[-1])
     return losses
+
+
+def precise_mask_head_bn(roi_heads, images: FrozenImages, *, num_batches: int,
+                         ims_per_batch: int, generator: torch.Generator, device="cpu"):
+    """Recompute the mask head's BatchNorm statistics with its final weights, as the mean
+    over ``num_batches`` training batches (fvcore's precise BN, Detectron2's
+    ``TEST.PRECISE_BN``).
+
+    Why: the reference's BatchNorm momentum (Keras 0.997) is made for 100k+ steps; after
+    a few hundred, the running statistics still hold much of their initial values
+    (0.997^200 = 55%), so inference would judge a deep head by statistics it never had,
+    and a short run more harshly than a long one. Recomputed, every head is evaluated
+    with the statistics of its own weights, whatever its schedule.
+    """
+    roi_heads.train()  # BatchNorm on batch statistics while they are measured
+    batches = (_draw(images, ims_per_batch, generator) for _ in range(num_batches))
+    # fvcore takes each batch's variance as PyTorch reports it, Bessel-corrected, and
+    # undoes the correction; the hourglass's KerasBatchNorm2d reports the biased one,
+    # which would be uncorrected twice (by 1/4 at a 1x1 level over 4 ROIs). PyTorch's
+    # BatchNorm computes the same batch statistics, so it stands in while they are read.
+    keras = [m for m in roi_heads.mask_head.modules() if type(m) is KerasBatchNorm2d]
+    for m in keras:
+        m.__class__ = torch.nn.BatchNorm2d
+    try:
+        update_bn_stats(_MaskTrainingPass(roi_heads, images, generator, device), batches,
+                        num_batches)
+    finally:
+        for m in keras:
+            m.__class__ = KerasBatchNorm2d
+
+
+def _draw(images, ims_per_batch, generator):
+    return torch.randperm(len(images), generator=generator)[:ims_per_batch].tolist()
+
+
+class _MaskTrainingPass(torch.nn.Module):
+    """The ROI heads' mask-training path on cached images, as a module of image indices
+    (what fvcore's ``update_bn_stats`` calls): ``label_and_sample_proposals`` (the box
+    branch's sampling, GT boxes appended), ``mask_training_instances`` (GT boxes or
+    foreground proposals, allowed classes, instances with masks) and ``_forward_mask``
+    (pooler, head, mask loss). Returns the mask loss."""
+
+    def __init__(self, roi_heads, images: FrozenImages, generator: torch.Generator, device):
+        super().__init__()
+        # The mask head is this module's only child: update_bn_stats recomputes the
+        # BatchNorm layers it finds in it, and the box head's never run here.
+        self.mask_head = roi_heads.mask_head
+        self._roi_heads = (roi_heads,)
+        self.images, self.generator, self.device = images, generator, device
+
+    def forward(self, indices: List[int]) -> torch.Tensor:
+        features, _ = self.images.batch(indices, self.device)
+        targets = [self.images.targets[i].to(self.device) for i in indices]
+        proposals = [self.images.proposals[i].to(self.device) for i in indices]
+        # The generator decides which proposals are sampled: seeded runs repeat. The
+        # storage takes label_and_sample_proposals' sampling statistics.
+        with _global_rng(self.generator), EventStorage():
+            sampled = self._roi_heads[0].label_and_sample_proposals(proposals, targets)
+            mask_instances = self._roi_heads[0].mask_training_instances(sampled, targets)
+            return self._roi_heads[0]._forward_mask(features, mask_instances)["loss_mask"]
 
 
 @contextlib.contextmanager
@@ -216,11 +266,13 @@ def evaluate_mask_head(
     dataset_name: str,
     class_subsets: Mapping[str, Sequence[int]],
     *,
+    max_detections: Optional[int] = None,
     batch_size: int = 8,
     device="cpu",
 ) -> Dict[str, Dict[str, float]]:
-    """Mask AP on ``images.detections`` and mean mask IoU at the ground-truth boxes,
-    per class subset (dataset category ids).
+    """Mask AP on ``images.detections`` (each image's ``max_detections`` highest-scoring
+    ones; all if None) and mean mask IoU at the ground-truth boxes, per class subset
+    (dataset category ids).
 
     The detections are fixed, so between two heads only the masks differ. AP is
     pycocotools' COCOeval (segm) on the dataset's json, restricted to each subset's
@@ -230,7 +282,8 @@ def evaluate_mask_head(
     meta = MetadataCatalog.get(dataset_name)
     to_dataset_id = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
     results = []
-    detections = _masks_at(roi_heads, images, images.detections, batch_size, device)
+    kept = [d[d.scores.argsort(descending=True)[:max_detections]] for d in images.detections]
+    detections = _masks_at(roi_heads, images, kept, batch_size, device)
     for image_id, det in zip(images.image_ids, detections):
         masks = det.pred_masks.numpy().astype(np.uint8)
         for k in range(len(det)):

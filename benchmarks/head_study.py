@@ -54,8 +54,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
 from deepmac_d2.data.synthetic import SPLITS  # noqa: E402
-from deepmac_d2.engine import ACCELERATORS, Trainer, load_config  # noqa: E402
-from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
+from deepmac_d2.engine import ACCELERATORS, load_config  # noqa: E402
+from deepmac_d2.engine.console import metric  # noqa: E402
 from deepmac_d2.engine.frozen_detector import (  # noqa: E402
     cache_frozen_images,
     evaluate_mask_head,
@@ -64,7 +64,6 @@ from deepmac_d2.engine.frozen_detector import (  # noqa: E402
     train_mask_head,
 )
 from deepmac_d2.engine.grid import (  # noqa: E402
-    SPEC_FILE,
     WORKER_FILE,
     GridRun,
     mean_ci95,
@@ -79,6 +78,7 @@ from novel_class_generalization import (  # noqa: E402
     _number,
     class_split,
     prepare_data,
+    train_run,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,16 +186,7 @@ def detector_config(args, seed, folder):
 
 def train_detector(folder):
     """Worker: train one detector, evaluate its boxes, cache what the heads need."""
-    with open(os.path.join(folder, SPEC_FILE)) as f:
-        spec = json.load(f)
-    config_file = os.path.join(folder, "detector_config.yaml")
-    with open(config_file, "w") as f:
-        f.write(spec["config"])
-    cfg = quiet_setup(argparse.Namespace(config_file=config_file, opts=[]))
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    coco = trainer._last_eval_results  # left by the final EvalHook (see tools/demo.py)
+    spec, cfg, trainer, coco = train_run(folder, "detector_config.yaml")
     model = trainer.model
     began = time.perf_counter()
     train = cache_frozen_images(model, DatasetCatalog.get(cfg.DATASETS.TRAIN[0]),

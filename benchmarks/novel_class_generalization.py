@@ -207,18 +207,25 @@ def grid_runs(args, data=None):
     return runs, split
 
 
-def work(folder):
-    """One run: train, evaluate (COCO AP by subset, IoU at GT boxes), count the head."""
+def train_run(folder, config_name="grid_config.yaml"):
+    """A grid worker's training: the run's config from its spec (written next to it as
+    ``config_name``), trained and evaluated once. Returns the spec, the config, the
+    trainer and its final COCO results."""
     with open(os.path.join(folder, SPEC_FILE)) as f:
         spec = json.load(f)
-    config_file = os.path.join(folder, "grid_config.yaml")
+    config_file = os.path.join(folder, config_name)
     with open(config_file, "w") as f:
         f.write(spec["config"])
     cfg = quiet_setup(argparse.Namespace(config_file=config_file, opts=[]))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    coco = trainer._last_eval_results  # left by the final EvalHook (see tools/demo.py)
+    return spec, cfg, trainer, trainer._last_eval_results  # left by the final EvalHook (see tools/demo.py)
+
+
+def work(folder):
+    """One run: train, evaluate (COCO AP by subset, IoU at GT boxes), count the head."""
+    spec, cfg, trainer, coco = train_run(folder)
     split = spec["class_split"]
     ious = given_box_mask_iou(cfg, trainer.model, cfg.DATASETS.TEST[0],
                               class_subsets={k: v["ids"] for k, v in split.items()})

@@ -395,6 +395,7 @@ def plot(summary, differences, rows, args, path, curves_path):
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(args.modes), figsize=(5.5 * len(args.modes), 4), sharey=True)
+    top = 0.0
     for ax, mode in zip(np.atleast_1d(axes), args.modes):
         for head in args.heads:
             curves = np.array([r["losses"] for r in rows
@@ -402,10 +403,14 @@ def plot(summary, differences, rows, args, path, curves_path):
             k = max(1, len(curves[0]) // 40)  # mean over runs, smoothed over k steps
             mean = np.convolve(curves.mean(0), np.ones(k) / k, mode="valid")
             ax.plot(np.arange(len(mean)) + k - 1, mean, label=head)
+            top = max(top, mean[len(mean) // 8])
         ax.set_title(MODE_LABELS[mode], fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("mask loss (mean over runs)")
+    # The first eighth of the run (the initial drop, from up to ~2.5) is cut off at the
+    # top, so that the tail, where the heads differ and flatten, can be read.
+    np.atleast_1d(axes)[0].set_ylim(top=1.3 * top)
+    np.atleast_1d(axes)[0].set_ylabel("mask loss (mean over runs; the first steps cut off)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(curves_path, dpi=110)

@@ -295,7 +295,7 @@ def test_study_end_to_end_on_tiny_data(tmp_path):
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(out["runs"]) == 2 * 2 * 1 and len(out["detectors"]) == 2
+    assert len(out["runs"]) == 2 * 2 * 2 * 1 and len(out["detectors"]) == 2  # heads x modes x detectors x head seeds
     assert all(len(r["losses"]) == 3 for r in out["runs"])
     claims = [d["claim"] for d in out["differences"]["novel_IoU"]]
     assert claims == ["hourglass10 - default, GT boxes", "default: GT boxes - proposals",

@@ -210,7 +210,31 @@ def head_config(args, det_cfg_text, head, mode):
         config_file=path, opts=["MODEL.MASK_ON", "True"] + head_opts(head) + mode_opts(mode)))
 
 
-def run_heads(args, det_seed, det_folder, det_cfg_text, split, log):
+class HeadProgress:
+    """Runs done of the study's head runs, and an ETA from what runs of the same head and
+    mode cost so far (other runs' mean for a cell not yet timed: an underestimate while
+    the first detector's deep heads are still to come)."""
+
+    def __init__(self, args):
+        self.planned = [(h, m) for _ in range(args.det_seeds) for h in args.heads
+                        for m in args.modes for _ in range(args.head_seeds)]
+        self.done = 0
+        self.costs = {}
+
+    def record(self, head, mode, seconds=None):
+        """One run finished (``seconds``: its cost; None when reused). Returns a progress
+        string."""
+        self.done += 1
+        if seconds is not None:
+            self.costs.setdefault((head, mode), []).append(seconds)
+        timed = [c for cs in self.costs.values() for c in cs]
+        if not timed:
+            return f"{self.done}/{len(self.planned)}"
+        eta = sum(np.mean(self.costs.get(cell, timed)) for cell in self.planned[self.done:])
+        return f"{self.done}/{len(self.planned)}, ETA {eta / 60:.0f} min"
+
+
+def run_heads(args, det_seed, det_folder, det_cfg_text, split, log, progress):
     """Every (head, mode, head seed) on one frozen detector; one JSON per run, reused
     when its spec is unchanged."""
     frozen = None
@@ -229,6 +253,7 @@ def run_heads(args, det_seed, det_folder, det_cfg_text, split, log):
                         stored = json.load(f)
                     if stored["spec"] == spec:
                         out.append(stored)
+                        progress.record(head, mode)
                         continue
                 if frozen is None:
                     frozen = torch.load(os.path.join(det_folder, FROZEN_FILE), weights_only=False)
@@ -261,7 +286,8 @@ def run_heads(args, det_seed, det_folder, det_cfg_text, split, log):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write_json(path, result)
                 out.append(result)
-                log(f"[heads det{det_seed}] {name}: novel mask AP {result['novel_mask_AP']:.1f}, "
+                done = progress.record(head, mode, train_seconds + result["eval_seconds"])
+                log(f"[heads {done}] det{det_seed} {name}: novel mask AP {result['novel_mask_AP']:.1f}, "
                     f"novel IoU@GT {result['novel_IoU']:.3f}, final loss "
                     f"{np.mean(losses[-20:]):.3f} ({train_seconds / 60:.1f} + "
                     f"{result['eval_seconds'] / 60:.1f} min)")
@@ -451,14 +477,19 @@ def main(argv=None):
         print(f"[heads] detector(s) failed: {failed}; see their console.txt", file=sys.stderr)
         return 1
     rows = []
+    progress = HeadProgress(args)
     for seed, (run, det) in enumerate(zip(runs, detectors)):
         folder = os.path.join(args.output_dir, run.name)
         rows += run_heads(args, seed, folder, run.spec["config"], split,
-                          log=lambda m: print(m, flush=True))
+                          log=lambda m: print(m, flush=True), progress=progress)
     summary = cell_summary(rows, args)
     differences = {key: paired_differences(rows, key, args) for key in ("novel_IoU", "novel_mask_AP")}
     metrics = [d["metrics"] for d in detectors]
-    text = tables(summary, differences, metrics, args)
+    head_minutes = sum(r["train_seconds"] + r["eval_seconds"] for r in rows) / 60
+    detector_minutes = ", ".join(f"{d['wall_seconds'] / 60:.1f}" for d in detectors)
+    text = tables(summary, differences, metrics, args) + (
+        f"\nCost: detectors {detector_minutes} min; mask heads {head_minutes:.1f} min "
+        "(training and evaluation, as each run recorded it).\n")
     paths = {k: os.path.join(args.output_dir, f) for k, f in (
         ("table", "results.md"), ("json", "results.json"), ("plot", "head_study.png"),
         ("curves", "loss_curves.png"))}
@@ -470,6 +501,9 @@ def main(argv=None):
         "class_split": split, "synthetic_data": data, "detectors": metrics,
         "summary": summary, "differences": differences,
         "runs": rows, "wall_seconds": time.perf_counter() - began,
+        # What the study costs, whether or not this invocation reused its parts.
+        "detector_minutes": [d["wall_seconds"] / 60 for d in detectors],
+        "head_minutes": head_minutes,
     })
     plot(summary, differences, rows, args, paths["plot"], paths["curves"])
     print("\n" + text)

@@ -294,6 +294,7 @@ def test_study_end_to_end_on_tiny_data(tmp_path):
            "SOLVER.WARMUP_ITERS", "1", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[heads 1/8, ETA" in res.stdout and "[heads 8/8, ETA 0 min]" in res.stdout
     out = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(out["runs"]) == 2 * 2 * 2 * 1 and len(out["detectors"]) == 2  # heads x modes x detectors x head seeds
     assert all(len(r["losses"]) == 3 for r in out["runs"])
@@ -304,4 +305,4 @@ def test_study_end_to_end_on_tiny_data(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     # A second run reuses every detector and head run.
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "[heads det" not in res.stdout and "reused" in res.stdout.lower()
+    assert res.returncode == 0 and "[heads " not in res.stdout and "reused" in res.stdout.lower()

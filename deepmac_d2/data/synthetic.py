@@ -132,7 +132,9 @@ def generate_split(out, split, num_images, seed, cfg, progress=None):
 
 
 def _write_json_atomically(path, obj):
-    tmp = path + ".tmp"
+    # A temporary name of this process's own: two runs sharing a data root (two demo
+    # seeds at once) rewrite train_partial.json together, and a shared name lost a race.
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, separators=(",", ":"))
     os.replace(tmp, path)

@@ -5,6 +5,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import ImageList, Instances
 
 from ..data.class_splits import resolve_class_ids
@@ -176,15 +177,12 @@ class DeepMaskROIHeads(StandardROIHeads):
             # runs on every GT box of the batch (padded to 100 per image) and its loss
             # masks out the rest. So here: every candidate goes through the head, and
             # ``trains_mask`` selects the loss's instances (DeepMaskHead.forward).
-            out = []
+            # Both are new Instances (GT boxes: built above), so the field stays ours.
+            if not self.mask_use_gt_boxes:  # background proposals have no mask to learn
+                instances, _ = select_foreground_proposals(instances, self.num_classes)
             for x in instances:
-                if self.mask_use_gt_boxes:
-                    x = Instances(x.image_size, **x.get_fields())
-                else:  # background proposals have no mask to learn, here or there
-                    x = x[(x.gt_classes >= 0) & (x.gt_classes != self.num_classes)]
                 x.trains_mask = self.trains_mask(x)
-                out.append(x)
-            return out
+            return instances
         return [x[self.trains_mask(x)] for x in instances]
 
     def trains_mask(self, instances: Instances) -> torch.Tensor:

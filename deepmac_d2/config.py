@@ -65,6 +65,21 @@ def add_deepmac_config(cfg):
     cfg.MODEL.SPINENET.BN_MOMENTUM = 0.01
     cfg.MODEL.SPINENET.BN_EPS = 1e-3
 
+    # The reference's ResNet-FPN (MODEL.BACKBONE.NAME "build_tf_resnet_fpn_backbone";
+    # TF backbone.resnet + decoder.fpn), from Detectron2's keys where they mean the same:
+    # RESNETS.DEPTH (TF resnet.model_id), RESNETS.NORM (its BatchNorm; "SyncBN" as the
+    # reference), FPN.OUT_CHANNELS (TF fpn.num_filters), FPN.NORM (the norm after each
+    # FPN level; "SyncBN" as the reference), FPN.FUSE_TYPE ("sum"), BACKBONE.FREEZE_AT.
+    # New: the BatchNorms' PyTorch momentum (1 - Keras') and eps, for the ResNet and the
+    # FPN alike (TF norm_activation.norm_momentum / norm_epsilon: 0.997 / 1e-4 in its
+    # R50/R101 rows); Detectron2's ResNet-FPN ignores them.
+    cfg.MODEL.RESNETS.BN_MOMENTUM = 0.003
+    cfg.MODEL.RESNETS.BN_EPS = 1e-4
+    # Its output levels p{MIN_LEVEL}..p{MAX_LEVEL}, strides 2^level (TF task.model.min_level
+    # / max_level: 2 and 6); levels above the ResNet's 5 are strided convs of P5.
+    cfg.MODEL.FPN.MIN_LEVEL = 2
+    cfg.MODEL.FPN.MAX_LEVEL = 6
+
     # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.

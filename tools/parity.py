@@ -53,6 +53,7 @@ from deepmac_d2.modeling import spinenet as spinenet_module  # noqa: E402
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
 from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
 from deepmac_d2.modeling.spinenet import SpineNet  # noqa: E402
+from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN  # noqa: E402
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +65,11 @@ HEADS = {
     "hg52_head": ("hourglass52", 64, 32, 0.99, 1e-3),
     "hg100_head": ("hourglass100", 64, 32, 0.99, 1e-3),
 }
-CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(HEADS)
+# As tools/parity_tf.py's RESNET_FPN: the R50 rows' ResNet + FPN (levels 2..6, Keras 0.997 / 1e-4).
+RESNET_FPN = {"resnet50_fpn": 50}
+CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(RESNET_FPN) + list(HEADS)
 STOCHASTIC_DEPTH = 0.2  # as parity_tf.py: eval only
-SELF_CHECK_CASES = ("spinenet49", "hg20_head")
+SELF_CHECK_CASES = ("spinenet49", "resnet50_fpn", "hg20_head")
 # Largest difference allowed, relative to the output's scale (at least 1). Eval mode:
 # float64 rounding through ~200 layers, ~1e-14. Train mode: besides the conditioning test
 # in check_case, the reference's synchronised BatchNorm computes the variance as
@@ -96,6 +99,8 @@ class _HeadLayers(nn.Module):
 def build_ours(name, stochastic_depth=STOCHASTIC_DEPTH):
     if name.startswith("spinenet"):
         return SpineNet(name[len("spinenet"):], stochastic_depth_rate=stochastic_depth, norm="BN")
+    if name in RESNET_FPN:
+        return TFResNetFPN(RESNET_FPN[name], norm="BN", fpn_norm="BN", bn_momentum=0.003, bn_eps=1e-4)
     variant, filters, _, momentum, eps = HEADS[name]
     return _HeadLayers(DeepMaskHead(
         ShapeSpec(channels=256), num_classes=1, convnet_variant=variant, num_filters=filters,
@@ -106,12 +111,12 @@ def build_ours(name, stochastic_depth=STOCHASTIC_DEPTH):
 def to_ours(name, x):
     """The reference's input in our layout: NHWC images, or [1, N, H, W, C] ROIs."""
     x = torch.from_numpy(x)
-    return x.permute(0, 3, 1, 2) if name.startswith("spinenet") else x[0].permute(0, 3, 1, 2)
+    return x.permute(0, 3, 1, 2) if name not in HEADS else x[0].permute(0, 3, 1, 2)
 
 
 def to_reference(name, key, y):
     y = y.detach().numpy()
-    return y.transpose(0, 2, 3, 1) if name.startswith("spinenet") else y[None]
+    return y.transpose(0, 2, 3, 1) if name not in HEADS else y[None]
 
 
 def max_diff(a, b):
@@ -195,22 +200,29 @@ def check_case(name, ref, model=None):
 
 def self_check(ref_dir):
     """Deliberately wrong ports must fail; returns rows (ok = the harness caught it)."""
+    rows = []
+    for name in ("spinenet49", "resnet50_fpn"):
+        path = Path(ref_dir) / f"{name}.npz"
+        if not path.exists():
+            rows.append(("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, float("nan"), True))
+            continue
+        same = spinenet_module._same_padding
+        # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after
+        # (the ResNet-FPN's strided convs and max pool are spinenet.py's, so this reaches them).
+        spinenet_module._same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
+        try:
+            caught = not all(r[-1] for r in check_case(name, np.load(path)) if r[1].startswith(("eval", "train")))
+        except ConversionError:
+            caught = True
+        finally:
+            spinenet_module._same_padding = same
+        rows.append(("self-check", f"wrong port ({name}, symmetric padding) fails", 0.0, 0.0, float("nan"),
+                     caught))
     name = "spinenet49"
     path = Path(ref_dir) / f"{name}.npz"
     if not path.exists():
-        return [("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, float("nan"), True)]
+        return rows
     ref = np.load(path)
-    rows = []
-    same = spinenet_module._same_padding
-    # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after.
-    spinenet_module._same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
-    try:
-        caught = not all(r[-1] for r in check_case(name, ref) if r[1].startswith(("eval", "train")))
-    except ConversionError:
-        caught = True
-    finally:
-        spinenet_module._same_padding = same
-    rows.append(("self-check", "wrong port (symmetric padding) fails", 0.0, 0.0, float("nan"), caught))
     broken = build_ours(name)
     del broken.endpoints["p7"]  # a port missing a layer the reference has
     broken._out_levels = broken._out_levels[:-1]

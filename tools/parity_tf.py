@@ -43,8 +43,12 @@ HEADS = {
     "hg52_head": ("hourglass52", 64, 32, 0.99, 1e-3),  # the SpineNet rows' head
     "hg100_head": ("hourglass100", 64, 32, 0.99, 1e-3),
 }
-CASES = [f"spinenet{m}" for m in SPINENET_IDS] + list(HEADS)
+# The R50 rows' backbone: ResNet-50 + FPN at levels 2..6, norm_activation 0.997 / 1e-4.
+RESNET_FPN = {"resnet50_fpn": 50}
+CASES = [f"spinenet{m}" for m in SPINENET_IDS] + list(RESNET_FPN) + list(HEADS)
 SPINENET_INPUT = (2, 128, 128, 3)
+# Not square, and 96 / 32 = 3: P6 is a stride-2 'SAME' conv of an odd 3 x 5 P5.
+RESNET_FPN_INPUT = (2, 96, 160, 3)
 NUM_ROIS, ROI_CHANNELS = 6, 256
 # The SpineNet-143 row's rate; identity in eval, set to 0 for the train-mode
 # comparison (the drop is random).
@@ -85,6 +89,21 @@ def build_spinenet(model_id, rate, input_shape=SPINENET_INPUT):
     )
 
 
+def build_resnet_fpn(name, input_shape=RESNET_FPN_INPUT):
+    """The reference's ResNet and FPN as its MaskRCNN experiments build them (defaults
+    of backbones.ResNet and decoders.FPN; synchronised BN), composed into one model
+    whose outputs are the FPN's {level: features}."""
+    from official.vision.modeling.backbones import resnet
+    from official.vision.modeling.decoders import fpn
+
+    norm = dict(use_sync_bn=True, norm_momentum=0.997, norm_epsilon=1e-4)
+    inputs = tf.keras.Input(shape=input_shape[1:])
+    backbone = resnet.ResNet(model_id=RESNET_FPN[name], input_specs=tf.keras.layers.InputSpec(
+        shape=[None, *input_shape[1:]]), **norm)
+    decoder = fpn.FPN(input_specs=backbone.output_specs, min_level=2, max_level=6, num_filters=256, **norm)
+    return tf.keras.Model(inputs, decoder(backbone(inputs)))
+
+
 def build_head(name):
     from official.projects.deepmac_maskrcnn.modeling.heads import instance_heads
 
@@ -103,7 +122,10 @@ def run_case(name, out_dir, rng):
         model_id = name[len("spinenet"):]
         x = rng.standard_normal(SPINENET_INPUT)
         model = build_spinenet(model_id, STOCHASTIC_DEPTH)
-
+    elif name in RESNET_FPN:
+        x = rng.standard_normal(RESNET_FPN_INPUT)
+        model = build_resnet_fpn(name)
+    if name.startswith("spinenet") or name in RESNET_FPN:
         def call(model, inp, training):
             return {f"p{k}": v for k, v in model(inp, training=training).items()}
     else:

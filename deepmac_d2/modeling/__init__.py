@@ -1,8 +1,10 @@
-"""Mask heads (Hourglass network, DeepMaskHead), the partially supervised ROIHeads, SpineNet."""
+"""Mask heads (Hourglass network, DeepMaskHead), the partially supervised ROIHeads, SpineNet,
+the reference's ResNet-FPN."""
 from .hourglass import HourglassNetwork
 from .mask_head import CONVNET_VARIANTS, DeepMaskHead
 from .roi_heads import DeepMaskROIHeads
 from .spinenet import SpineNet, build_spinenet_backbone
+from .tf_resnet_fpn import TFResNetFPN, build_tf_resnet_fpn_backbone
 
 __all__ = [
     "CONVNET_VARIANTS",
@@ -10,5 +12,7 @@ __all__ = [
     "DeepMaskROIHeads",
     "HourglassNetwork",
     "SpineNet",
+    "TFResNetFPN",
     "build_spinenet_backbone",
+    "build_tf_resnet_fpn_backbone",
 ]

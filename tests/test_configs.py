@@ -48,6 +48,7 @@ def test_the_expected_configs_exist():
         "nonvoc_r101_hg52.yaml",
         "voc_spinenet143_hg52.yaml",
         "nonvoc_spinenet143_hg52.yaml",
+        "voc_tf_r50_hg52.yaml",
     }
 
 
@@ -67,6 +68,11 @@ def test_config_builds_the_model_it_names(name):
         assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.SPINENET.MODEL_ID == 143
         assert type(model.backbone).__name__ == "SpineNet"
         assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    elif "_tf_" in name:
+        # The reference's own ResNet-FPN, for its converted checkpoints: P2..P6, from scratch.
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.DEPTH == 50
+        assert type(model.backbone).__name__ == "TFResNetFPN"
+        assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
     else:
         depth = 101 if "r101" in name else 50
         assert cfg.MODEL.RESNETS.DEPTH == depth

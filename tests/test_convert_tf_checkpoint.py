@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -35,8 +36,20 @@ SMALL = [
 ]
 
 
+# The reference's ResNet-FPN (build_tf_resnet_fpn_backbone), made small where it can be.
+SMALL_RESNET = [
+    "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass10",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "8", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "8",
+    "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]", "MODEL.ROI_BOX_HEAD.FC_DIM", "16",
+]
+
+
 def spinenet_config(*opts):
     return tool.load_config(os.path.join(REPO, "configs", "voc_spinenet143_hg52.yaml"), list(opts))
+
+
+def resnet_config(*opts):
+    return tool.load_config(os.path.join(REPO, "configs", "voc_tf_r50_hg52.yaml"), list(opts))
 
 
 def keras_layout(layer, attr, value):
@@ -56,15 +69,22 @@ _NORM_KINDS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
 def manifest_from(model):
     """What tools/read_tf_checkpoint.py writes for a checkpoint of ``model``'s weights."""
     roi_heads = model.roi_heads
-    rois = torch.zeros(2, 256, *roi_heads.mask_pooler.output_size)
+    channels = next(iter(model.backbone.output_shape().values())).channels
+    rois = torch.zeros(2, channels, *roi_heads.mask_pooler.output_size)
     side = model.backbone.size_divisibility
-    modules = {"backbone": (model.backbone, torch.zeros(1, 3, side, side)),
-               "mask_head": (_MaskHeadLayers(roi_heads.mask_head), rois)}
+    image = torch.zeros(1, 3, side, side)
+    if hasattr(model.backbone, "fpn"):  # the reference's ResNet and its FPN decoder
+        with torch.no_grad():
+            features = {int(k[3:]): v for k, v in model.backbone.bottom_up.eval()(image).items()}
+        modules = {"backbone": (model.backbone.bottom_up, image), "decoder": (model.backbone.fpn, features)}
+    else:
+        modules = {"backbone": (model.backbone, image)}
+    modules["mask_head"] = (_MaskHeadLayers(roi_heads.mask_head), rois)
     manifest, arrays = {"components": {}}, {}
     for component, (module, x) in modules.items():
         variables = []
         for name, layer in layers_in_call_order(module, x):
-            norm = isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            norm = isinstance(layer, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
             for attr, kind in (_NORM_KINDS if norm else _KINDS).items():
                 if getattr(layer, attr, None) is None:
                     continue
@@ -99,11 +119,24 @@ def test_spec_names_the_reference_model():
     assert spec["crop_size"] == 32 and spec["num_classes"] == 81  # background counted, as TF does
 
 
+def test_spec_names_the_reference_resnet_fpn():
+    spec = reference_spec(resnet_config("MODEL.RESNETS.DEPTH", "101"))
+    assert spec["resnet"] == {"model_id": 101} and spec["fpn"] == {"num_filters": 256}
+    assert (spec["min_level"], spec["max_level"]) == (2, 6) and "spinenet" not in spec
+    assert spec["mask_head"]["convnet_variant"] == "hourglass52" and spec["crop_size"] == 32
+
+
 def test_unsupported_configs_name_the_key():
-    with pytest.raises(ConversionError, match="MODEL.BACKBONE.NAME 'build_resnet_fpn_backbone'"):
+    # Detectron2's own ResNet-FPN: the message names the backbone that does take them.
+    with pytest.raises(ConversionError, match="MODEL.BACKBONE.NAME 'build_resnet_fpn_backbone'.*"
+                                              "'build_tf_resnet_fpn_backbone'"):
         reference_spec(tool.load_config(os.path.join(REPO, "configs", "voc_r50_hg52.yaml"), []))
     with pytest.raises(ConversionError, match="CLS_AGNOSTIC_MASK"):
         reference_spec(spinenet_config("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", "False"))
+    with pytest.raises(ConversionError, match="MODEL.FPN.NORM '': the reference's ResNet and FPN have BatchNorm"):
+        reference_spec(resnet_config("MODEL.FPN.NORM", ""))
+    with pytest.raises(ConversionError, match="MODEL.RESNETS.NORM 'GN'"):
+        reference_spec(resnet_config("MODEL.RESNETS.NORM", "GN"))
 
 
 def test_conversion_reproduces_the_source_model(models):
@@ -158,7 +191,7 @@ def test_other_backbone_names_first_missing_variable_and_key(models):
         load_reference_checkpoint(target, cfg, none, arrays)
 
 
-def test_tool_refuses_a_resnet_config_before_reading(tmp_path):
+def test_tool_refuses_detectron2s_resnet_fpn_before_reading(tmp_path):
     # No TensorFlow needed: the config is refused before the checkpoint is read.
     with pytest.raises(SystemExit, match="does not fit .*MODEL.BACKBONE.NAME") as err:
         tool.main(["--config-file", os.path.join(REPO, "configs", "voc_r50_hg52.yaml"),
@@ -197,5 +230,98 @@ def test_reference_config_must_agree(models):
     with pytest.raises(ConversionError, match="set MODEL.ROI_MASK_HEAD.CONV_DIM 32"):
         load_reference_checkpoint(target, cfg, manifest, arrays)
     manifest["params"] = reference_model_config(**{"backbone.type": "resnet"})
-    with pytest.raises(ConversionError, match="'resnet'; only SpineNet"):
+    with pytest.raises(ConversionError, match="backbone.type is 'resnet', the config's MODEL.BACKBONE.NAME is "
+                                              "'build_spinenet_backbone': set MODEL.BACKBONE.NAME "
+                                              "build_tf_resnet_fpn_backbone"):
+        load_reference_checkpoint(target, cfg, manifest, arrays)
+
+
+@pytest.fixture(scope="module")
+def resnet_models():
+    """A ResNet-FPN source model in training BN, and a target that freezes the stem and res2
+    (Detectron2's FREEZE_AT 2: FrozenBatchNorm2d there, which takes the same four tensors)."""
+    torch.manual_seed(0)
+    source = build_model(resnet_config(*SMALL_RESNET, "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN")).eval()
+    for name, buffer in source.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)
+    cfg = resnet_config(*SMALL_RESNET, "MODEL.BACKBONE.FREEZE_AT", "2")
+    torch.manual_seed(1)
+    return cfg, source, build_model(cfg).eval()
+
+
+def test_resnet_fpn_conversion_reproduces_the_source_model(resnet_models):
+    cfg, source, target = resnet_models
+    assert isinstance(target.backbone.bottom_up.stem[1], FrozenBatchNorm2d)
+    manifest, arrays = manifest_from(source)
+    name_map = load_reference_checkpoint(target, cfg, manifest, arrays)
+    mine, theirs = target.state_dict(), source.state_dict()
+    converted = [k for k in mine if k.startswith(CONVERTED) and "num_batches_tracked" not in k]
+    assert sorted(ours for ours, _, _ in name_map) == sorted(converted)
+    # The reference's backbone into bottom_up, its decoder into fpn, in creation order.
+    assert name_map[0][:2] == ("backbone.bottom_up.stem.0.weight", "backbone/stem.0/kernel:0")
+    decoder = [row for row in name_map if row[1].startswith("decoder/")]
+    assert decoder[0][0] == "backbone.fpn.lateral.2.weight" and decoder[-1][0] == "backbone.fpn.norms.6.running_var"
+    for k in converted:
+        assert torch.equal(mine[k], theirs[k]), k
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for level, y in target.backbone(x).items():
+            torch.testing.assert_close(y, source.backbone(x)[level])
+
+
+def test_resnet_fpn_mismatches_name_variable_and_key(resnet_models):
+    cfg, source, target = resnet_models
+    manifest, arrays = manifest_from(source)
+    wide = copy.deepcopy(manifest)  # an FPN of another width
+    entry = wide["components"]["decoder"]["variables"][0]
+    entry["found"] = entry["shape"][:-1] + [256]
+    with pytest.raises(ConversionError, match="MODEL.FPN.OUT_CHANNELS") as err:
+        load_reference_checkpoint(target, cfg, wide, arrays)
+    assert entry["key"] in str(err.value)
+    deeper = copy.deepcopy(manifest)  # a deeper ResNet: variables left over in its backbone
+    deeper["components"]["backbone"]["unused"] = ["model/backbone/v9999/.ATTRIBUTES/VARIABLE_VALUE"]
+    with pytest.raises(ConversionError, match=r"backbone has 1 variable\(s\) .*MODEL.RESNETS.DEPTH"):
+        load_reference_checkpoint(target, cfg, deeper, arrays)
+
+
+def resnet_params(**changes):
+    """``task.model`` of a params.yaml for the SMALL_RESNET config, with ``changes``."""
+    model = {"backbone": {"type": "resnet", "resnet": {
+                "model_id": 50, "depth_multiplier": 1.0, "stem_type": "v0", "se_ratio": 0.0,
+                "resnetd_shortcut": False, "replace_stem_max_pool": False}},
+             "decoder": {"type": "fpn", "fpn": {"num_filters": 16, "fusion_type": "sum",
+                                                "use_separable_conv": False}},
+             "min_level": 2, "max_level": 6,
+             "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
+                           "upsample_factor": 2},
+             "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.0001}}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = model
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return "export/params.yaml", model
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"backbone.resnet.model_id": 101}, "set MODEL.RESNETS.DEPTH 101"),
+    ({"decoder.fpn.num_filters": 256}, "set MODEL.FPN.OUT_CHANNELS 256"),
+    ({"max_level": 7}, "set MODEL.FPN.MAX_LEVEL 7"),
+    ({"norm_activation.norm_epsilon": 0.001}, "set MODEL.RESNETS.BN_EPS 0.001"),
+    # Same variables as the plain shortcut: only the config shows it.
+    ({"backbone.resnet.resnetd_shortcut": True}, "resnetd_shortcut is True; 'build_tf_resnet_fpn_backbone' "
+                                                 "builds False only"),
+    ({"backbone.type": "spinenet"}, "set MODEL.BACKBONE.NAME build_spinenet_backbone"),
+])
+def test_resnet_fpn_reference_config_must_agree(resnet_models, change, message):
+    cfg, source, target = resnet_models
+    manifest, arrays = manifest_from(source)
+    manifest["params"] = resnet_params(**change)
+    if message is None:
+        load_reference_checkpoint(target, cfg, manifest, arrays)
+        return
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
         load_reference_checkpoint(target, cfg, manifest, arrays)

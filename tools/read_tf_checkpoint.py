@@ -4,8 +4,8 @@
 Reads a TF Model Garden deepmac_maskrcnn checkpoint (a ``tf.train.Checkpoint``
 directory or prefix, or a SavedModel directory) for the model that a spec describes
 (``deepmac_d2.tf_port.checkpoint.reference_spec`` writes it from a Detectron2 config)
-and writes, for the backbone and the mask head, the variables the reference
-model has in creation order (the order ``deepmac_d2.tf_port`` pairs with our layers)
+and writes, for the backbone (with a ResNet, also its FPN decoder) and the mask head,
+the variables the reference model has in creation order (the order ``deepmac_d2.tf_port`` pairs with our layers)
 together with the checkpoint's value under each one's key, where it has one. Checking
 that they fit is left to the torch side, which knows the config keys to name.
 
@@ -36,20 +36,31 @@ import tensorflow as tf  # noqa: E402
 
 from parity_tf import creation_order  # noqa: E402  (tools/, next to this file)
 
-# The parts whose weights deepmac-d2 ports; the RPN and box head are not among them.
-COMPONENTS = ("backbone", "mask_head")
+
+
+def components(spec):
+    """The parts whose weights deepmac-d2 ports (the RPN and box head are not among them):
+    a SpineNet has no decoder (the reference's 'identity'), a ResNet its FPN."""
+    return ("backbone", "decoder", "mask_head") if "resnet" in spec else ("backbone", "mask_head")
 
 
 def reference_params(spec):
     """The Model Garden experiment config of the model ``spec`` describes: its SpineNet
-    experiment (identity decoder) with the spec's backbone and mask head."""
+    experiment (identity decoder) or its ResNet-FPN one, with the spec's backbone and
+    mask head."""
     from official.core import exp_factory
     from official.projects.deepmac_maskrcnn.configs import deep_mask_head_rcnn  # noqa: F401 (registers)
 
-    params = exp_factory.get_exp_config("deep_mask_head_rcnn_spinenet_coco")
-    model = params.task.model
-    for key in ("model_id", "min_level", "max_level"):
-        setattr(model.backbone.spinenet, key, spec["spinenet"][key])
+    if "resnet" in spec:
+        params = exp_factory.get_exp_config("deep_mask_head_rcnn_resnetfpn_coco")
+        model = params.task.model
+        model.backbone.resnet.model_id = spec["resnet"]["model_id"]
+        model.decoder.fpn.num_filters = spec["fpn"]["num_filters"]
+    else:
+        params = exp_factory.get_exp_config("deep_mask_head_rcnn_spinenet_coco")
+        model = params.task.model
+        for key in ("model_id", "min_level", "max_level"):
+            setattr(model.backbone.spinenet, key, spec["spinenet"][key])
     model.min_level, model.max_level = spec["min_level"], spec["max_level"]
     model.num_classes = spec["num_classes"]
     size = spec.get("input_size", 2 ** (spec["max_level"] + 1))
@@ -179,7 +190,7 @@ def read(checkpoint, spec):
     graph = object_graph(reader)
     manifest = {"checkpoint": checkpoint, "components": {}, "params": reference_config(checkpoint)}
     arrays = {}
-    for component in COMPONENTS:
+    for component in components(spec):
         node, where = find(graph, component)
         expected = []
         for i, (v, path) in enumerate(component_paths(model, component)):

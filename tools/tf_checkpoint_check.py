@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """``make tf-checkpoint-check``: tools/convert_tf_checkpoint.py on checkpoints the reference writes.
 
-``tools/tf_checkpoint_check_tf.py`` (in ``.venv-tf``) builds the reference's
-deepmac_maskrcnn model at small settings (SpineNet-49, Hourglass-20 head with 16
-filters, crop 16 -> 32x32 masks, 256x256 input) with random weights, saves a training
-checkpoint, exports it with the reference's own exporter and records the SavedModel's
+For each backbone (suite ``spinenet``: SpineNet-49 with a Hourglass-20 head of 16
+filters, crop 16 -> 32x32 masks; suite ``resnet_fpn``: the reference's ResNet-50 + FPN
+of 64 filters on P2..P6 with the default head of 16 filters, crop 14 -> 28x28 masks;
+256x256 input), ``tools/tf_checkpoint_check_tf.py`` (in ``.venv-tf``) builds the
+reference's deepmac_maskrcnn model with random weights, saves a training checkpoint,
+exports it with the reference's own exporter and records the SavedModel's
 ``image_and_boxes_tensor`` output for two images and six boxes each. This script
 converts the checkpoint and the SavedModel, loads the .pth with BoxMaskPredictor, and
 compares our mask probabilities for the same boxes with the reference's, per ROI
@@ -19,12 +21,13 @@ compares our mask probabilities for the same boxes with the reference's, per ROI
 - Detectron2's own RoIAlign (ROIAlignV2: adaptive sampling, half-pixel shift) on the
   native image, to show what the pooler setting is worth. Reported only.
 
-It then converts checkpoints that do not fit the config (SpineNet-96; a head of width
-32), and the SavedModel with a config whose head BatchNorm epsilon differs from its
-params.yaml's (no variable shows that), and requires each error to name the config
-key. Exit status 1 on any failure.
+It then converts checkpoints that do not fit the config (SpineNet-96 or a head of
+width 32 for a SpineNet-49 config; ResNet-101 for a ResNet-50 one), and the SavedModel
+with a config whose BatchNorm epsilon differs from its params.yaml's (no variable shows
+that), and requires each error to name the config key. Exit status 1 on any failure.
 
-    python tools/tf_checkpoint_check.py [--ref-dir DIR]   # DIR: tf_checkpoint_check_tf.py's output
+    python tools/tf_checkpoint_check.py [--suites spinenet,resnet_fpn] [--ref-dir DIR]
+    # DIR/<suite>: tf_checkpoint_check_tf.py's output for that suite
 """
 import argparse
 import json
@@ -48,27 +51,37 @@ from deepmac_d2.tf_port import ConversionError  # noqa: E402
 from deepmac_d2.tf_port.checkpoint import reference_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "voc_spinenet143_hg52.yaml"
 INPUT_SIZE = 256
-OVERRIDES = [
-    "MODEL.SPINENET.MODEL_ID", "49", "MODEL.SPINENET.NORM", "BN",
-    "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass20", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
-    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "16", "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]",
-    "MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+_COMMON = [
+    "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
     "INPUT.MIN_SIZE_TEST", str(INPUT_SIZE), "INPUT.MAX_SIZE_TEST", str(INPUT_SIZE),
 ]
+# suite -> (config, its overrides, the mismatches: (what to convert, config overrides,
+# the key the error must name)).
+SUITES = {
+    "spinenet": (ROOT / "configs" / "voc_spinenet143_hg52.yaml", _COMMON + [
+        "MODEL.SPINENET.MODEL_ID", "49", "MODEL.SPINENET.NORM", "BN",
+        "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass20", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "16", "MODEL.ROI_BOX_HEAD.NORM", "BN",
+    ], [
+        ("mismatch_spinenet96", [], "MODEL.SPINENET.MODEL_ID"),
+        ("mismatch_width32", [], "MODEL.ROI_MASK_HEAD.CONV_DIM"),
+        ("export/saved_model", ["MODEL.ROI_MASK_HEAD.BN_EPS", "1e-5"], "MODEL.ROI_MASK_HEAD.BN_EPS"),
+    ]),
+    "resnet_fpn": (ROOT / "configs" / "voc_tf_r50_hg52.yaml", _COMMON + [
+        "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "MODEL.FPN.OUT_CHANNELS", "64",
+        "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "default", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "14",
+    ], [
+        ("mismatch_resnet101", [], "MODEL.RESNETS.DEPTH"),
+        ("export/saved_model", ["MODEL.RESNETS.BN_EPS", "1e-3"], "MODEL.RESNETS.BN_EPS"),
+    ]),
+}
 REFERENCE_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign",
                        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "1"]
 DETECTRON2_ROI_ALIGN = ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlignV2",
                         "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "0"]
 TOLERANCE = 1e-4
-# A checkpoint that does not fit must name the key that makes it fit:
-# (what to convert, config overrides, the key the error must name).
-MISMATCHES = [
-    ("mismatch_spinenet96", [], "MODEL.SPINENET.MODEL_ID"),
-    ("mismatch_width32", [], "MODEL.ROI_MASK_HEAD.CONV_DIM"),
-    ("export/saved_model", ["MODEL.ROI_MASK_HEAD.BN_EPS", "1e-5"], "MODEL.ROI_MASK_HEAD.BN_EPS"),
-]
 
 
 def roi_probabilities(predictor, image, boxes):
@@ -106,61 +119,74 @@ def compare(predictor, serving, name):
     return float(diff.max()), float(diff.mean()), float(iou.min())
 
 
+def check_suite(suite, ref_dir, tmp):
+    """Rows ``(check, value, ok or None for reported-only)`` of one suite."""
+    config, overrides, mismatches = SUITES[suite]
+    cfg = load_config(config, overrides + REFERENCE_ROI_ALIGN)
+    ref = Path(ref_dir or tmp) / suite
+    if ref_dir is None:
+        if not TF_PYTHON.exists():
+            sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` first")
+        spec_path = Path(tmp) / f"{suite}.json"
+        spec_path.write_text(json.dumps(dict(reference_spec(cfg), input_size=INPUT_SIZE)))
+        start = time.time()
+        subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_checkpoint_check_tf.py"),
+                        "--spec", str(spec_path), "--out", str(ref)], check=True)
+        print(f"[tf-checkpoint-check] {suite}: reference written in {time.time() - start:.0f} s", flush=True)
+    rows = []
+    serving = np.load(ref / "serving.npz")
+    weights = {}
+    for source in ("ckpt", "export/saved_model"):
+        weights[source] = Path(tmp) / f"{suite}_{source.replace('/', '_')}.pth"
+        start = time.time()
+        count = len(convert(cfg, ref / source, weights[source]))
+        rows.append((f"convert {source}: {count} tensors ({time.time() - start:.0f} s)", "", True))
+    a, b = (torch.load(weights[s])["model"] for s in ("ckpt", "export/saved_model"))
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows.append(("checkpoint and SavedModel convert to the same tensors", "", same))
+
+    predictor = BoxMaskPredictor(cfg, weights=str(weights["ckpt"]))
+    for name in ("native", "resized"):
+        worst, mean, iou = compare(predictor, serving, name)
+        held = name == "native"
+        rows.append((f"{name}: max |p - p_ref| per ROI pixel (mean {mean:.2g})", f"{worst:.3g}",
+                     worst <= TOLERANCE if held else None))
+        rows.append((f"{name}: min mask IoU, image size", f"{iou:.4f}", iou >= 0.99 if held else None))
+    d2_cfg = load_config(config, overrides + DETECTRON2_ROI_ALIGN)
+    worst, mean, iou = compare(BoxMaskPredictor(d2_cfg, weights=str(weights["ckpt"])), serving, "native")
+    rows.append((f"native, Detectron2's ROIAlignV2: max |p - p_ref| (mean {mean:.2g})", f"{worst:.3g}", None))
+    rows.append(("native, Detectron2's ROIAlignV2: min mask IoU", f"{iou:.4f}", None))
+
+    for source, opts, key in mismatches:
+        try:
+            convert(load_config(config, overrides + REFERENCE_ROI_ALIGN + opts), ref / source,
+                    Path(tmp) / "mismatch.pth")
+            message, ok = "converted (should not)", False
+        except ConversionError as err:
+            message, ok = str(err), key in str(err)
+        rows.append((" ".join([source, *opts]) + f" fails naming {key}", "", ok))
+        print(f"[tf-checkpoint-check] {suite} {source}: {message}", flush=True)
+    return [(f"{suite}: {check}", value, ok) for check, value, ok in rows]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ref-dir", help="output of tools/tf_checkpoint_check_tf.py (default: run it now)")
+    ap.add_argument("--suites", default=",".join(SUITES), help=f"of {', '.join(SUITES)}")
+    ap.add_argument("--ref-dir", help="output of tools/tf_checkpoint_check_tf.py per suite, DIR/<suite> "
+                                      "(default: run it now)")
     args = ap.parse_args()
-    cfg = load_config(CONFIG, OVERRIDES + REFERENCE_ROI_ALIGN)
-    spec = dict(reference_spec(cfg), input_size=INPUT_SIZE)
-    rows = []  # (check, value, ok or None for reported-only)
+    suites = args.suites.split(",")
+    if set(suites) - set(SUITES):
+        sys.exit(f"unknown suite(s) {sorted(set(suites) - set(SUITES))}; valid: {', '.join(SUITES)}")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="tf-checkpoint-check-") as tmp:
-        ref = Path(args.ref_dir or tmp)
-        if args.ref_dir is None:
-            if not TF_PYTHON.exists():
-                sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` first")
-            spec_path = Path(tmp) / "spec.json"
-            spec_path.write_text(json.dumps(spec))
-            start = time.time()
-            subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_checkpoint_check_tf.py"),
-                            "--spec", str(spec_path), "--out", str(ref)], check=True)
-            print(f"[tf-checkpoint-check] reference written in {time.time() - start:.0f} s", flush=True)
-        serving = np.load(ref / "serving.npz")
-        weights = {}
-        for source in ("ckpt", "export/saved_model"):
-            weights[source] = Path(tmp) / f"{source.replace('/', '_')}.pth"
-            start = time.time()
-            count = len(convert(cfg, ref / source, weights[source]))
-            rows.append((f"convert {source}: {count} tensors ({time.time() - start:.0f} s)", "", True))
-        a, b = (torch.load(weights[s])["model"] for s in ("ckpt", "export/saved_model"))
-        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        rows.append(("checkpoint and SavedModel convert to the same tensors", "", same))
+        for suite in suites:
+            rows += check_suite(suite, args.ref_dir, tmp)
 
-        predictor = BoxMaskPredictor(cfg, weights=str(weights["ckpt"]))
-        for name in ("native", "resized"):
-            worst, mean, iou = compare(predictor, serving, name)
-            held = name == "native"
-            rows.append((f"{name}: max |p - p_ref| per ROI pixel (mean {mean:.2g})", f"{worst:.3g}",
-                         worst <= TOLERANCE if held else None))
-            rows.append((f"{name}: min mask IoU, image size", f"{iou:.4f}", iou >= 0.99 if held else None))
-        d2_cfg = load_config(CONFIG, OVERRIDES + DETECTRON2_ROI_ALIGN)
-        worst, mean, iou = compare(BoxMaskPredictor(d2_cfg, weights=str(weights["ckpt"])), serving, "native")
-        rows.append((f"native, Detectron2's ROIAlignV2: max |p - p_ref| (mean {mean:.2g})", f"{worst:.3g}", None))
-        rows.append(("native, Detectron2's ROIAlignV2: min mask IoU", f"{iou:.4f}", None))
-
-        for source, opts, key in MISMATCHES:
-            try:
-                convert(load_config(CONFIG, OVERRIDES + REFERENCE_ROI_ALIGN + opts), ref / source,
-                        Path(tmp) / "mismatch.pth")
-                message, ok = "converted (should not)", False
-            except ConversionError as err:
-                message, ok = str(err), key in str(err)
-            rows.append((" ".join([source, *opts]) + f" fails naming {key}", "", ok))
-            print(f"[tf-checkpoint-check] {source}: {message}", flush=True)
-
-    print(f"\n{'check':<80} {'value':>10}  ok")
-    print("-" * 98)
+    print(f"\n{'check':<92} {'value':>10}  ok")
+    print("-" * 110)
     for check, value, ok in rows:
-        print(f"{check:<80} {value:>10}  {'-' if ok is None else 'yes' if ok else 'NO'}")
+        print(f"{check:<92} {value:>10}  {'-' if ok is None else 'yes' if ok else 'NO'}")
     bad = [r for r in rows if r[2] is False]
     held = [r for r in rows if r[2] is not None]
     print(f"\n{len(held) - len(bad)} of {len(held)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))

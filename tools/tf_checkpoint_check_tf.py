@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The reference side of ``make tf-checkpoint-check``; runs in ``.venv-tf``.
 
-Builds the reference's deepmac_maskrcnn model at small settings with the Model
-Garden task (as its trainer does), sets every variable to seeded random values, and
+Builds the reference's deepmac_maskrcnn model that a spec describes (small settings,
+SpineNet or ResNet-FPN) with the Model Garden task (as its trainer does), sets every variable to seeded random values, and
 writes what ``tools/tf_checkpoint_check.py`` converts and compares against:
 
 - ``ckpt/``: a training checkpoint in the trainer's layout (``model``, its
@@ -30,10 +30,13 @@ import tensorflow as tf  # noqa: E402
 from parity_tf import creation_order, randomise  # noqa: E402  (tools/, next to this file)
 from read_tf_checkpoint import build_reference, reference_params  # noqa: E402
 
-# Models that differ from the spec in one place, for the mismatch errors.
+# Models that differ from the spec in one place, for the mismatch errors, per backbone.
 MISMATCHES = {
-    "spinenet96": lambda spec: spec["spinenet"].update(model_id="96"),
-    "width32": lambda spec: spec["mask_head"].update(num_filters=32),
+    "spinenet": {
+        "spinenet96": lambda spec: spec["spinenet"].update(model_id="96"),
+        "width32": lambda spec: spec["mask_head"].update(num_filters=32),
+    },
+    "resnet": {"resnet101": lambda spec: spec["resnet"].update(model_id=101)},
 }
 
 
@@ -103,7 +106,7 @@ def main():
     np.savez(os.path.join(args.out, "serving.npz"), **record)
     print(f"[tf-checkpoint-check] served {export_dir}", flush=True)
 
-    for case, change in MISMATCHES.items():
+    for case, change in MISMATCHES["resnet" if "resnet" in spec else "spinenet"].items():
         other = copy.deepcopy(spec)
         change(other)
         tf.keras.backend.clear_session()

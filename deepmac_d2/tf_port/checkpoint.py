@@ -8,12 +8,14 @@ missing or has another shape stops the conversion, with the config key to change
 and handed to :func:`~deepmac_d2.tf_port.convert.load_reference_weights`, which
 pairs it with our layers in call order.
 
-Converted: the backbone (SpineNet; the reference uses no decoder with it) and the
-mask head. Not converted: the RPN and the box head (Model Garden's carry BatchNorm
-where Detectron2's have none, count the background as class 0 and regress in
-another box layout), nor a ResNet-FPN backbone (Model Garden's pads strided convs
-as TF's 'SAME', puts BatchNorm after each FPN output and makes P6 by a strided
-conv; Detectron2's ResNet-FPN does neither).
+Converted: the backbone, into SpineNet (``build_spinenet_backbone``; the reference
+uses no decoder with it) or into the reference's ResNet-FPN
+(``build_tf_resnet_fpn_backbone``: its ``backbone`` component into ``bottom_up``, its
+``decoder`` into ``fpn``; Detectron2's own ResNet-FPN pads strided convs otherwise, has
+no BatchNorm in its FPN and max-pools P6, so it cannot take them), and the mask head.
+Not converted: the RPN and the box head (Model Garden's carry BatchNorm where
+Detectron2's have none, count the background as class 0 and regress in another box
+layout).
 """
 import torch
 from torch import nn
@@ -25,35 +27,60 @@ __all__ = ["CONVERTED", "reference_spec", "load_reference_checkpoint"]
 # The parts of a GeneralizedRCNN's state_dict that a reference checkpoint gives.
 CONVERTED = ("backbone.", "roi_heads.mask_head.")
 
-# What to change when a component does not fit, per reference component.
+SPINENET, RESNET_FPN = "build_spinenet_backbone", "build_tf_resnet_fpn_backbone"
+# The reference's backbone type for each backbone that takes its checkpoints.
+BACKBONE_TYPES = {SPINENET: "spinenet", RESNET_FPN: "resnet"}
+
+# What to change when a component does not fit: per reference component (per backbone).
 _KEYS = {
-    "backbone": "MODEL.SPINENET.MODEL_ID (49, 96, 143, 190) or MODEL.BACKBONE.NAME",
+    ("backbone", SPINENET): "MODEL.SPINENET.MODEL_ID (49, 96, 143, 190) or MODEL.BACKBONE.NAME",
+    ("backbone", RESNET_FPN): "MODEL.RESNETS.DEPTH (TF backbone.resnet.model_id: 50, 101, ...) or "
+                              "MODEL.BACKBONE.NAME",
+    ("decoder", RESNET_FPN): "MODEL.FPN.OUT_CHANNELS (TF decoder.fpn.num_filters), MODEL.FPN.NORM "
+                             "(the reference's FPN has BatchNorm) or MODEL.FPN.MIN_LEVEL / MAX_LEVEL "
+                             "(TF min_level / max_level)",
     "mask_head": "MODEL.ROI_MASK_HEAD.CONV_DIM (TF mask_head.num_filters), CONVNET_VARIANT "
                  "(TF mask_head.convnet_variant) or NUM_CONV (TF mask_head.num_convs)",
 }
+_NORMS = ("BN", "SyncBN", "FrozenBN")
+
+
+def _backbone_spec(cfg):
+    """The reference's backbone (and decoder) for ``cfg``'s, with its levels."""
+    name = cfg.MODEL.BACKBONE.NAME
+    if name == SPINENET:
+        spine = cfg.MODEL.SPINENET
+        return {"spinenet": {"model_id": str(spine.MODEL_ID), "min_level": spine.MIN_LEVEL,
+                             "max_level": spine.MAX_LEVEL},
+                "min_level": spine.MIN_LEVEL, "max_level": spine.MAX_LEVEL}
+    if name != RESNET_FPN:
+        raise ConversionError(
+            f"MODEL.BACKBONE.NAME {name!r}: reference checkpoints convert into {SPINENET!r} or "
+            f"{RESNET_FPN!r} (the Model Garden's ResNet-FPN: it pads strided convs as TF's 'SAME', "
+            "has BatchNorm on every FPN level and makes P6 by a strided conv, which Detectron2's "
+            "'build_resnet_fpn_backbone' does not compute)"
+        )
+    for key, norm in (("MODEL.RESNETS.NORM", cfg.MODEL.RESNETS.NORM), ("MODEL.FPN.NORM", cfg.MODEL.FPN.NORM)):
+        if norm not in _NORMS:
+            raise ConversionError(f"{key} {norm!r}: the reference's ResNet and FPN have BatchNorm, "
+                                  f"whose statistics need one of {', '.join(_NORMS)} ('SyncBN' as the reference)")
+    fpn = cfg.MODEL.FPN
+    return {"resnet": {"model_id": cfg.MODEL.RESNETS.DEPTH}, "fpn": {"num_filters": fpn.OUT_CHANNELS},
+            "min_level": fpn.MIN_LEVEL, "max_level": fpn.MAX_LEVEL}
 
 
 def reference_spec(cfg):
     """What ``tools/read_tf_checkpoint.py`` builds: the reference model for ``cfg``'s
     backbone and mask head (a JSON-able dict of Model Garden config values)."""
-    if cfg.MODEL.BACKBONE.NAME != "build_spinenet_backbone":
-        raise ConversionError(
-            f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r}: only SpineNet checkpoints convert "
-            "('build_spinenet_backbone'); Model Garden's ResNet-FPN pads strided convs as TF's "
-            "'SAME' and has BatchNorm in its FPN, which Detectron2's ResNet-FPN cannot load"
-        )
+    spec = _backbone_spec(cfg)
     head = cfg.MODEL.ROI_MASK_HEAD
     if not head.CLS_AGNOSTIC_MASK:
         raise ConversionError(
             "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK is False: a per-class head's channels are "
             "the reference's class ids (background 0); only class-agnostic heads convert"
         )
-    spine = cfg.MODEL.SPINENET
     return {
-        "spinenet": {"model_id": str(spine.MODEL_ID), "min_level": spine.MIN_LEVEL,
-                     "max_level": spine.MAX_LEVEL},
-        "min_level": spine.MIN_LEVEL,
-        "max_level": spine.MAX_LEVEL,
+        **spec,
         "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # the reference counts background
         "mask_head": {"convnet_variant": head.CONVNET_VARIANT, "num_filters": head.CONV_DIM,
                       "num_convs": head.NUM_CONV, "upsample_factor": head.UPSAMPLE_FACTOR,
@@ -63,39 +90,78 @@ def reference_spec(cfg):
 
 
 # What a reference config (params.yaml, task.model) fixes that the variables may not
-# show, with the config keys that must agree: (path in task.model, our keys).
-_PARAMS = (
-    ("backbone.type", ()),
-    ("backbone.spinenet.model_id", ("MODEL.SPINENET.MODEL_ID",)),
-    ("min_level", ("MODEL.SPINENET.MIN_LEVEL",)),
-    ("max_level", ("MODEL.SPINENET.MAX_LEVEL",)),
+# show, with the config keys that must agree: (path in task.model, our keys), per backbone.
+_HEAD_PARAMS = (
     ("mask_head.convnet_variant", ("MODEL.ROI_MASK_HEAD.CONVNET_VARIANT",)),
     ("mask_head.num_filters", ("MODEL.ROI_MASK_HEAD.CONV_DIM",)),
     ("mask_head.num_convs", ("MODEL.ROI_MASK_HEAD.NUM_CONV",)),
     ("mask_head.upsample_factor", ("MODEL.ROI_MASK_HEAD.UPSAMPLE_FACTOR",)),
     ("mask_roi_aligner.crop_size", ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",)),
-    # Not in any variable: a wrong epsilon changes every output, silently.
-    ("norm_activation.norm_epsilon", ("MODEL.SPINENET.BN_EPS", "MODEL.ROI_MASK_HEAD.BN_EPS")),
 )
+_PARAMS = {
+    SPINENET: (
+        ("backbone.spinenet.model_id", ("MODEL.SPINENET.MODEL_ID",)),
+        ("min_level", ("MODEL.SPINENET.MIN_LEVEL",)),
+        ("max_level", ("MODEL.SPINENET.MAX_LEVEL",)),
+        *_HEAD_PARAMS,
+        # Not in any variable: a wrong epsilon changes every output, silently.
+        ("norm_activation.norm_epsilon", ("MODEL.SPINENET.BN_EPS", "MODEL.ROI_MASK_HEAD.BN_EPS")),
+    ),
+    RESNET_FPN: (
+        ("backbone.resnet.model_id", ("MODEL.RESNETS.DEPTH",)),
+        ("decoder.fpn.num_filters", ("MODEL.FPN.OUT_CHANNELS",)),
+        ("min_level", ("MODEL.FPN.MIN_LEVEL",)),
+        ("max_level", ("MODEL.FPN.MAX_LEVEL",)),
+        *_HEAD_PARAMS,
+        ("norm_activation.norm_epsilon", ("MODEL.RESNETS.BN_EPS", "MODEL.ROI_MASK_HEAD.BN_EPS")),
+    ),
+}
+# Reference settings the port does not build, with the values it does (the Model Garden
+# defaults, which the deepmac_maskrcnn experiments keep). Most would change the variables
+# and fail there too; a ResNet-D shortcut (average pool, then the same 1x1 conv) would not.
+_SUPPORTED = {
+    RESNET_FPN: (
+        ("decoder.type", ("fpn",)),
+        ("backbone.resnet.depth_multiplier", (1.0,)),
+        ("backbone.resnet.stem_type", ("v0",)),
+        ("backbone.resnet.se_ratio", (0.0, None)),
+        ("backbone.resnet.resnetd_shortcut", (False,)),
+        ("backbone.resnet.replace_stem_max_pool", (False,)),
+        ("decoder.fpn.fusion_type", ("sum",)),
+        ("decoder.fpn.use_separable_conv", (False,)),
+    ),
+}
+
+
+def _lookup(node, dotted):
+    """``node[a][b]...`` for ``dotted`` "a.b...", or KeyError."""
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def check_reference_config(cfg, params):
     """Raise unless ``cfg`` agrees with the reference's config (``params``: the path of its
     params.yaml and its ``task.model``), naming the first key that does not."""
     path, model = params
-    for dotted, keys in _PARAMS:
-        theirs = model
-        for part in dotted.split("."):
-            theirs = theirs[part]
-        if not keys:  # the backbone type: reference_spec has refused all but SpineNet
-            if theirs != "spinenet":
-                raise ConversionError(f"{path}: task.model.{dotted} is {theirs!r}; only SpineNet "
-                                      "checkpoints convert")
-            continue
+    name = cfg.MODEL.BACKBONE.NAME
+    theirs = _lookup(model, "backbone.type")
+    if theirs != BACKBONE_TYPES[name]:
+        fits = {v: k for k, v in BACKBONE_TYPES.items()}.get(theirs)
+        raise ConversionError(
+            f"{path}: task.model.backbone.type is {theirs!r}, the config's MODEL.BACKBONE.NAME is "
+            f"{name!r}: " + (f"set MODEL.BACKBONE.NAME {fits}" if fits else
+                             f"only {', '.join(map(repr, BACKBONE_TYPES.values()))} backbones convert")
+        )
+    for dotted, supported in _SUPPORTED.get(name, ()):
+        theirs = _lookup(model, dotted)
+        if theirs not in supported:
+            raise ConversionError(f"{path}: task.model.{dotted} is {theirs!r}; {name!r} builds "
+                                  f"{supported[0]!r} only (the deepmac_maskrcnn experiments' setting)")
+    for dotted, keys in _PARAMS[name]:
+        theirs = _lookup(model, dotted)
         for key in keys:
-            ours = cfg
-            for part in key.split("."):
-                ours = ours[part]
+            ours = _lookup(cfg, key)
             if isinstance(theirs, float):
                 same = abs(ours - theirs) <= 1e-9 * abs(theirs)
             else:  # model ids are strings there, ints here
@@ -105,31 +171,32 @@ def check_reference_config(cfg, params):
                                       f"{key} is {ours!r}: set {key} {theirs}")
 
 
-def _checked_variables(component, entry, arrays):
+def _checked_variables(component, entry, arrays, backbone):
     """``[(reference name, array)]`` of one component, after checking it fits."""
     expected, unused = entry["variables"], entry["unused"]
     if entry["path"] is None:
         raise ConversionError(
             f"the checkpoint has no {component} (no object named '{component}' in its object graph)"
         )
+    keys = _KEYS.get(component) or _KEYS[component, backbone]
     found = sum(e["found"] is not None for e in expected) + len(unused)
     sizes = f"the checkpoint's {component} has {found} variables, this config's {len(expected)}"
     for i, e in enumerate(expected):
         if e["found"] is None:
             raise ConversionError(
                 f"the checkpoint has no {e['key']!r}, the config's {component} variable "
-                f"{e['name']} {tuple(e['shape'])} ({sizes}): change {_KEYS[component]}"
+                f"{e['name']} {tuple(e['shape'])} ({sizes}): change {keys}"
             )
         if e["found"] != e["shape"]:
             raise ConversionError(
                 f"{e['key']!r} has shape {tuple(e['found'])} in the checkpoint, the config's "
                 f"{component} variable {e['name']} has {tuple(e['shape'])} ({sizes}): "
-                f"change {_KEYS[component]}"
+                f"change {keys}"
             )
     if unused:
         raise ConversionError(
             f"the checkpoint's {component} has {len(unused)} variable(s) this config's lacks "
-            f"(first: {unused[0]!r}; {sizes}): change {_KEYS[component]}"
+            f"(first: {unused[0]!r}; {sizes}): change {keys}"
         )
     return [(e["name"], arrays[f"{component}|{i:05d}"]) for i, e in enumerate(expected)]
 
@@ -164,17 +231,23 @@ def load_reference_checkpoint(model, cfg, manifest, arrays):
     components = manifest["components"]
     device = next(model.parameters()).device
     side = model.backbone.size_divisibility
+    image = torch.zeros(1, 3, side, side, device=device)
     roi_heads = model.roi_heads
     channels = model.backbone.output_shape()[roi_heads.mask_in_features[0]].channels
     rois = torch.zeros(2, channels, *roi_heads.mask_pooler.output_size, device=device)
     # (component, module, example input, its place in the model, the module's own prefix)
-    parts = [
-        ("backbone", model.backbone, torch.zeros(1, 3, side, side, device=device), "backbone.", ""),
-        ("mask_head", _MaskHeadLayers(roi_heads.mask_head), rois, "roi_heads.mask_head.", "head."),
-    ]
+    if cfg.MODEL.BACKBONE.NAME == RESNET_FPN:  # the reference's backbone and decoder
+        bottom_up = model.backbone.bottom_up
+        features = {int(n[3:]): torch.zeros(1, s.channels, side // s.stride, side // s.stride, device=device)
+                    for n, s in bottom_up.output_shape().items()}
+        parts = [("backbone", bottom_up, image, "backbone.bottom_up.", ""),
+                 ("decoder", model.backbone.fpn, features, "backbone.fpn.", "")]
+    else:
+        parts = [("backbone", model.backbone, image, "backbone.", "")]
+    parts.append(("mask_head", _MaskHeadLayers(roi_heads.mask_head), rois, "roi_heads.mask_head.", "head."))
     name_map = []
     for component, module, example, place, own in parts:
-        variables = _checked_variables(component, components[component], arrays)
+        variables = _checked_variables(component, components[component], arrays, cfg.MODEL.BACKBONE.NAME)
         pairs = load_reference_weights(module, variables, (example,))
         keys = [e["key"] for e in components[component]["variables"]]
         name_map += [(place + ours[len(own):], name, key) for (ours, name), key in zip(pairs, keys)]

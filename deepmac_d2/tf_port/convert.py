@@ -11,12 +11,15 @@ raises :class:`ConversionError` naming both sides.
 """
 import numpy as np
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 __all__ = ["ConversionError", "layers_in_call_order", "load_reference_weights"]
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-_NORMS = (nn.modules.batchnorm._BatchNorm,)
+# FrozenBatchNorm2d: Detectron2's for a frozen backbone (FREEZE_AT, norm "FrozenBN"),
+# the same four tensors.
+_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
 class ConversionError(ValueError):

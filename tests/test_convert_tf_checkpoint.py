@@ -201,12 +201,8 @@ def test_tool_refuses_detectron2s_resnet_fpn_before_reading(tmp_path):
     assert not (tmp_path / "out.pth").exists()
 
 
-def reference_model_config(**changes):
-    """``task.model`` of a params.yaml for the SMALL config, with ``changes`` ("a.b": v)."""
-    model = {"backbone": {"type": "spinenet", "spinenet": {"model_id": "49"}}, "min_level": 3, "max_level": 7,
-             "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
-                           "upsample_factor": 2},
-             "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.001}}
+def with_changes(model, changes):
+    """``("export/params.yaml", model)`` with each ``changes`` entry ("a.b": value) set."""
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         node = model
@@ -214,6 +210,15 @@ def reference_model_config(**changes):
             node = node[part]
         node[last] = value
     return "export/params.yaml", model
+
+
+def reference_model_config(**changes):
+    """``task.model`` of a params.yaml for the SMALL config, with ``changes`` ("a.b": v)."""
+    model = {"backbone": {"type": "spinenet", "spinenet": {"model_id": "49"}}, "min_level": 3, "max_level": 7,
+             "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
+                           "upsample_factor": 2},
+             "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.001}}
+    return with_changes(model, changes)
 
 
 def test_reference_config_must_agree(models):
@@ -296,13 +301,7 @@ def resnet_params(**changes):
              "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
                            "upsample_factor": 2},
              "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.0001}}
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = model
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return "export/params.yaml", model
+    return with_changes(model, changes)
 
 
 @pytest.mark.parametrize("change, message", [

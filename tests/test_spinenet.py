@@ -16,10 +16,9 @@ import deepmac_d2
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
-from detectron2.structures import BitMasks, Boxes, Instances
-from detectron2.utils.events import EventStorage
 from deepmac_d2.modeling import spinenet as sp
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
+from mask_rcnn_step import train_one_step_and_infer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -164,28 +163,7 @@ def test_spinenet143_hg52_mask_rcnn_trains_one_step_and_infers():
     model = build_model(cfg).train()
     assert isinstance(model.backbone, sp.SpineNet) and model.backbone.model_id == "143"
     assert counts(model.backbone) == TF_PARAMS["143"]
-    inst = Instances((100, 120))
-    inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 110.0, 95.0]]))
-    inst.gt_classes = torch.tensor([0, 2])
-    masks = torch.zeros(2, 100, 120, dtype=torch.bool)
-    masks[0, 20:70, 15:60] = masks[1, 35:90, 50:100] = True
-    inst.gt_masks = BitMasks(masks)
-    image = torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with EventStorage():
-        losses = model([{"image": image, "instances": inst}, {"image": image.flip(-1), "instances": inst}])
-    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
     # From scratch at 128 px, level 7 is 1x1: BatchNorm over 2 values per channel makes
-    # the first step's gradients huge (the recipe's 1280 px has 10x10 there). Clip them.
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-    model.eval()
-    with torch.no_grad():
-        (result,) = model([{"image": image}])
-    pred = result["instances"]
-    assert len(pred) > 0 and pred.pred_masks.shape[-2:] == (100, 120)
+    # the first step's gradients huge (the recipe's 1280 px has 10x10 there): clipped.
+    train_one_step_and_infer(model)
     assert not model.backbone.training and all(not b.training for b in model.backbone.modules())

@@ -13,14 +13,13 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
-from detectron2.structures import BitMasks, Boxes, Instances
-from detectron2.utils.events import EventStorage
 from torch import nn
 
 import deepmac_d2
 from deepmac_d2.modeling import tf_resnet_fpn as rf
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from deepmac_d2.modeling.mask_head import DeepMaskHead
+from mask_rcnn_step import train_one_step_and_infer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TF_PARAMS_R50_FPN256 = (27_445_056, 55_680)
@@ -144,25 +143,6 @@ def test_mask_rcnn_with_deep_mask_head_trains_one_step_and_infers():
         "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "4",
     )
-    model = build_model(cfg).train()
+    model = build_model(cfg)
     assert isinstance(model.backbone, rf.TFResNetFPN) and isinstance(model.roi_heads.mask_head, DeepMaskHead)
-    inst = Instances((100, 120))
-    inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 110.0, 95.0]]))
-    inst.gt_classes = torch.tensor([0, 2])
-    masks = torch.zeros(2, 100, 120, dtype=torch.bool)
-    masks[0, 20:70, 15:60] = masks[1, 35:90, 50:100] = True
-    inst.gt_masks = BitMasks(masks)
-    image = torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with EventStorage():
-        losses = model([{"image": image, "instances": inst}, {"image": image.flip(-1), "instances": inst}])
-    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        (result,) = model([{"image": image}])
-    assert len(result["instances"]) > 0 and result["instances"].pred_masks.shape[-2:] == (100, 120)
+    train_one_step_and_infer(model)

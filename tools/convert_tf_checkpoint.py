@@ -7,7 +7,9 @@
 
 ``--checkpoint``: a SavedModel directory, a ``tf.train.Checkpoint`` directory (its
 latest checkpoint) or a checkpoint prefix. The config says which model the checkpoint
-holds (SpineNet model id, mask-head variant and width); ``tools/read_tf_checkpoint.py``
+holds (SpineNet model id, or ResNet depth and FPN width with MODEL.BACKBONE.NAME
+build_tf_resnet_fpn_backbone, e.g. configs/voc_tf_r50_hg52.yaml; mask-head variant and
+width); ``tools/read_tf_checkpoint.py``
 reads it in ``.venv-tf`` and ``deepmac_d2.tf_port`` checks and converts. A checkpoint
 that does not fit the config stops with the first variable that does not fit and the
 config key to change. The .pth holds the backbone and the mask head only: load it for

@@ -173,6 +173,10 @@ class TFFPN(nn.Module):
 class TFResNetFPN(Backbone):
     """:class:`TFResNet` + :class:`TFFPN`, outputs ``p{min_level}``..``p{max_level}``.
 
+    Args: ``depth``, ``norm``, ``freeze_at`` as :class:`TFResNet`'s; ``min_level``,
+    ``max_level``, ``num_filters``, ``fpn_norm`` as :class:`TFFPN`'s (levels, width,
+    norm); ``bn_momentum`` (PyTorch's: 1 - Keras') and ``bn_eps`` for both.
+
     ``bottom_up`` and ``fpn`` are the reference's ``backbone`` and ``decoder``, the two
     components its checkpoints store them under. Inputs must be multiples of
     2^top (32 with the ResNet's levels 2..5), where the top-down sums nest exactly;
@@ -214,6 +218,13 @@ class TFResNetFPN(Backbone):
         return {f"p{k}": v for k, v in self.fpn(features).items()}
 
 
+# Detectron2 ResNet keys that would change the network, with the value the reference's
+# ResNet has; STRIDE_IN_1X1 is ignored (the reference strides the 3x3 conv, whatever
+# Detectron2's default says), as are OUT_FEATURES and FPN.IN_FEATURES (levels: MIN/MAX_LEVEL).
+_FIXED_RESNET_KEYS = {"NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "STEM_OUT_CHANNELS": 64,
+                      "RES2_OUT_CHANNELS": 256, "RES5_DILATION": 1}
+
+
 @BACKBONE_REGISTRY.register()
 def build_tf_resnet_fpn_backbone(cfg, input_shape):
     """The reference's ResNet-FPN from MODEL.RESNETS (DEPTH, NORM, BN_MOMENTUM, BN_EPS),
@@ -223,6 +234,13 @@ def build_tf_resnet_fpn_backbone(cfg, input_shape):
     if fpn.FUSE_TYPE != "sum":
         raise ValueError(f"MODEL.FPN.FUSE_TYPE={fpn.FUSE_TYPE!r}: the TF ResNet-FPN backbone sums, "
                          "as the reference's fusion_type 'sum'; set it to 'sum'")
+    for key, value in _FIXED_RESNET_KEYS.items():
+        if resnets[key] != value:
+            raise ValueError(f"MODEL.RESNETS.{key}={resnets[key]!r}: the TF ResNet-FPN backbone builds "
+                             f"the reference's plain ResNet only; set it to {value!r}")
+    if any(resnets.DEFORM_ON_PER_STAGE):
+        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE: the TF ResNet-FPN backbone has no "
+                         "deformable convs; set it to [False, False, False, False]")
     return TFResNetFPN(
         depth=resnets.DEPTH, min_level=fpn.MIN_LEVEL, max_level=fpn.MAX_LEVEL,
         num_filters=fpn.OUT_CHANNELS, norm=resnets.NORM, fpn_norm=fpn.NORM,

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import matplotlib
@@ -64,6 +65,7 @@ from deepmac_d2.engine.grid import (  # noqa: E402
     GridRun,
     mean_ci95,
     run_grid,
+    spec_config,
     write_json,
 )
 from detectron2.data import DatasetCatalog  # noqa: E402
@@ -97,6 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--config", "--config-file", dest="config_file", default=DEFAULT_CONFIG,
                    metavar="FILE", help="default: the synthetic demo config")
     p.add_argument("--output-dir", default=os.path.join("output", "head_study"))
+    p.add_argument("--detector-dir", default=None, metavar="DIR",
+                   help="where the detectors are trained, or found and reused: another "
+                        "study's --output-dir, to train its heads longer or otherwise on the "
+                        "same detectors (default: --output-dir)")
     p.add_argument("--heads", default=",".join(DEFAULT_HEADS),
                    help="comma-separated: stock, default, hourglassN, each optionally "
                         "-w<width> (default: %(default)s)")
@@ -203,11 +209,13 @@ def train_detector(folder):
 
 def head_config(args, det_cfg_text, head, mode):
     """The detector's config with the mask branch on, ``head`` and ``mode``'s keys."""
-    path = os.path.join(args.output_dir, "_head_config.yaml")
-    with open(path, "w") as f:
+    # A file of this process's own: studies sharing --output-dir or --detector-dir may run
+    # side by side (e.g. one per subset of --heads), each at another detector.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=args.output_dir) as f:
         f.write(det_cfg_text)
-    return load_config(argparse.Namespace(
-        config_file=path, opts=["MODEL.MASK_ON", "True"] + head_opts(head) + mode_opts(mode)))
+        f.flush()
+        return load_config(argparse.Namespace(
+            config_file=f.name, opts=["MODEL.MASK_ON", "True"] + head_opts(head) + mode_opts(mode)))
 
 
 class HeadProgress:
@@ -235,15 +243,16 @@ class HeadProgress:
 
 
 def run_heads(args, det_seed, det_folder, det_cfg_text, split, log, progress):
-    """Every (head, mode, head seed) on one frozen detector; one JSON per run, reused
-    when its spec is unchanged."""
+    """Every (head, mode, head seed) on one frozen detector (in ``det_folder``); one JSON
+    per run under --output-dir, reused when its spec is unchanged."""
     frozen = None
     out = []
     for head in args.heads:
         for mode in args.modes:
             for head_seed in range(args.head_seeds):
                 name = f"{head}-{mode}-h{head_seed}"
-                path = os.path.join(det_folder, "heads", name + ".json")
+                path = os.path.join(args.output_dir, os.path.basename(det_folder), "heads",
+                                    name + ".json")
                 spec = {"head": head, "mode": mode, "det_seed": det_seed, "head_seed": head_seed,
                         "iters": args.head_iters, "batch": args.head_batch, "lr": args.head_lr,
                         "bn_batches": args.bn_batches,
@@ -448,6 +457,7 @@ def main(argv=None):
     if args.run_dir:
         return train_detector(args.run_dir)
     os.makedirs(args.output_dir, exist_ok=True)
+    detector_dir = args.detector_dir or args.output_dir
     base = load_config(argparse.Namespace(config_file=args.config_file, opts=args.opts))
     synthetic = {f"synthetic_{s}" for s in SPLITS} & set(base.DATASETS.TRAIN + base.DATASETS.TEST)
     data = prepare_data(args) if synthetic else None
@@ -456,13 +466,13 @@ def main(argv=None):
         args.max_detections = 10 if synthetic else base.TEST.DETECTIONS_PER_IMAGE
     runs = []
     for seed in range(args.det_seeds):
-        folder = os.path.abspath(os.path.join(args.output_dir, f"detector{seed}"))
+        folder = os.path.abspath(os.path.join(detector_dir, f"detector{seed}"))
         cfg = detector_config(args, seed, folder)
-        runs.append(GridRun(f"detector{seed}", {"config": cfg.dump(), "class_split": split,
+        runs.append(GridRun(f"detector{seed}", {"config": spec_config(cfg, folder), "class_split": split,
                                                   "data": data}))
     began = time.perf_counter()
     detectors = run_grid(
-        runs, args.output_dir,
+        runs, detector_dir,
         worker_command=lambda folder: [sys.executable, os.path.abspath(__file__),
                                        "--run-dir", folder],
         # Sleeping OpenMP waiters for the detectors, as in tools/demo.py; not for the heads
@@ -479,7 +489,7 @@ def main(argv=None):
     rows = []
     progress = HeadProgress(args)
     for seed, (run, det) in enumerate(zip(runs, detectors)):
-        folder = os.path.join(args.output_dir, run.name)
+        folder = os.path.join(detector_dir, run.name)
         rows += run_heads(args, seed, folder, run.spec["config"], split,
                           log=lambda m: print(m, flush=True), progress=progress)
     summary = cell_summary(rows, args)

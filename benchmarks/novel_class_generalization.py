@@ -63,6 +63,7 @@ from deepmac_d2.engine.grid import (  # noqa: E402
     GridRun,
     aggregate,
     run_grid,
+    spec_config,
     write_json,
 )
 from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
@@ -201,7 +202,7 @@ def grid_runs(args, data=None):
             run_opts = (args.opts + fixed + head_opts(head) + opts
                         + ["SEED", str(seed), "OUTPUT_DIR", folder])
             cfg = load_config(argparse.Namespace(config_file=args.config_file, opts=run_opts))
-            spec = {"head": head, "mode": mode, "seed": seed, "config": cfg.dump(),
+            spec = {"head": head, "mode": mode, "seed": seed, "config": spec_config(cfg, folder),
                     "class_split": split, "data": data}
             runs.append(GridRun(name, spec))
     return runs, split

@@ -19,7 +19,9 @@ from PIL import Image
 
 from deepmac_d2.data.class_splits import NONVOC_CLASS_IDS, VOC_CLASS_IDS
 from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic
-from deepmac_d2.engine.grid import RESULT_FILE, GridRun, aggregate, mean_std, run_grid
+from deepmac_d2.engine import load_config
+from deepmac_d2.engine.grid import (RESULT_FILE, SPEC_FILE, GridRun, aggregate, mean_std, run_grid,
+                                     spec_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "novel_class_generalization.py")
@@ -93,6 +95,34 @@ def test_rerun_reuses_finished_runs_and_redoes_the_rest(first_grid):
     assert stdout.count(": reused") == len(RUNS) - 1 and f"{RUNS[1]}: running" in stdout
     assert {name: (out / name / RESULT_FILE).stat().st_mtime_ns for name in kept} == kept
     assert redo.is_file()
+
+
+def test_a_config_key_added_since_a_run_keeps_the_run_reusable(tmp_path):
+    """spec_config: a run stored before the package gained a key (whose default changes
+    nothing) is the same run; a changed value or a key the package no longer knows is not."""
+    cfg = load_config(argparse.Namespace(config_file=os.path.join(ROOT, "configs", "voc_r50_hg52.yaml"),
+                                         opts=["SEED", "3"]))
+    old = yaml.safe_load(cfg.dump())
+    del old["DEEPMAC"]["LOG_PERIOD"]  # as written by a package without the key (default 20)
+
+    def stored(config):
+        (tmp_path / SPEC_FILE).write_text(json.dumps({"config": yaml.safe_dump(config)}))
+        return yaml.safe_dump(config)
+
+    assert spec_config(cfg, str(tmp_path / "none")) == cfg.dump()
+    text = stored(old)
+    assert spec_config(cfg, str(tmp_path)) == text != cfg.dump()
+    old["SEED"] = 4
+    stored(old)
+    assert spec_config(cfg, str(tmp_path)) == cfg.dump()
+    old["SEED"] = 3
+    old["MODEL"]["ROI_MASK_HEAD"]["REMOVED_KEY"] = 1
+    stored(old)
+    assert spec_config(cfg, str(tmp_path)) == cfg.dump()
+    # The config sets BN_EPS to 1e-4; without it, today's default (1e-3) would apply.
+    del old["MODEL"]["ROI_MASK_HEAD"]["REMOVED_KEY"], old["MODEL"]["ROI_MASK_HEAD"]["BN_EPS"]
+    stored(old)
+    assert spec_config(cfg, str(tmp_path)) == cfg.dump()
 
 
 def test_grid_for_a_coco_config():

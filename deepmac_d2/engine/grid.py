@@ -15,14 +15,17 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+from argparse import Namespace
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import yaml
 
 __all__ = ["GridRun", "RESULT_FILE", "SPEC_FILE", "WORKER_FILE", "aggregate", "json_safe",
-           "mean_ci95", "mean_std", "run_grid", "t_quantile", "write_json"]
+           "mean_ci95", "mean_std", "run_grid", "spec_config", "t_quantile", "write_json"]
 
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
@@ -68,6 +71,36 @@ def _stored_result(folder, spec):
         result = json.load(f)
     # Compare on the JSON form: tuples come back as lists.
     return result if result["spec"] == json.loads(json.dumps(spec)) else None
+
+
+def spec_config(cfg, folder: str) -> str:
+    """The config text for a run's spec: ``cfg.dump()``, or the text already in
+    ``folder``'s spec when that run was the same one.
+
+    Same means: the stored text, loaded under today's defaults, dumps as ``cfg`` does. A
+    config key added to the package since (with a default that changes nothing) then
+    leaves finished runs reusable instead of retraining them; a changed value, or a key
+    the package no longer has, does not.
+    """
+    from .trainer import load_config
+
+    text = cfg.dump()
+    try:
+        with open(os.path.join(folder, SPEC_FILE)) as f:
+            stored = json.load(f)["config"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return text
+    if stored == text:
+        return text
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(stored)
+        f.flush()
+        try:
+            again = load_config(Namespace(config_file=f.name, opts=[]))
+        except (KeyError, ValueError, AssertionError):  # a key or value today's package rejects
+            return text
+    # As data: a dump's YAML anchors depend on which defaults share one list object.
+    return stored if yaml.safe_load(again.dump()) == yaml.safe_load(text) else text
 
 
 def _minutes(seconds):

@@ -80,6 +80,17 @@ def add_deepmac_config(cfg):
     cfg.MODEL.FPN.MIN_LEVEL = 2
     cfg.MODEL.FPN.MAX_LEVEL = 6
 
+    # The reference's RPN head (MODEL.RPN.HEAD_NAME "TFRPNHead"): the BatchNorm after its
+    # shared conv, one per level (Detectron2's StandardRPNHead has none); PyTorch momentum
+    # (1 - Keras') and eps: TF norm_activation, 0.997 / 1e-4 in the R50/R101 rows.
+    cfg.MODEL.RPN.NORM = "SyncBN"
+    cfg.MODEL.RPN.BN_MOMENTUM = 0.003
+    cfg.MODEL.RPN.BN_EPS = 1e-4
+    # The same for the reference's box head (ROI_BOX_HEAD.NAME "TFConvFCHead", its
+    # BatchNorms after every conv and FC; kind: ROI_BOX_HEAD.NORM).
+    cfg.MODEL.ROI_BOX_HEAD.BN_MOMENTUM = 0.003
+    cfg.MODEL.ROI_BOX_HEAD.BN_EPS = 1e-4
+
     # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.

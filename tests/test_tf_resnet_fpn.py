@@ -19,6 +19,7 @@ import deepmac_d2
 from deepmac_d2.modeling import tf_resnet_fpn as rf
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from deepmac_d2.modeling.mask_head import DeepMaskHead
+from deepmac_d2.modeling.tf_heads import TFFastRCNNOutputLayers, TFRPNHead
 from mask_rcnn_step import train_one_step_and_infer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -135,8 +136,13 @@ def test_bad_input_size_names_the_sizes_that_work():
 
 @pytest.mark.slow
 def test_mask_rcnn_with_deep_mask_head_trains_one_step_and_infers():
+    # The reference's whole architecture: its ResNet-FPN, RPN head and box head (their
+    # outputs reordered into Detectron2's losses and inference), DeepMaskHead.
     torch.manual_seed(0)
     cfg = resnet_fpn_cfg(
+        "MODEL.RPN.HEAD_NAME", "TFRPNHead", "MODEL.ROI_BOX_HEAD.NAME", "TFConvFCHead",
+        "MODEL.ROI_BOX_HEAD.NUM_CONV", "1", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.NUM_FC", "1",
+        "MODEL.ROI_BOX_HEAD.NORM", "SyncBN", "MODEL.ANCHOR_GENERATOR.OFFSET", "0.5",
         "MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
         "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]", "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass10",
         "MODEL.ROI_MASK_HEAD.CONV_DIM", "8", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "8",
@@ -146,4 +152,6 @@ def test_mask_rcnn_with_deep_mask_head_trains_one_step_and_infers():
     )
     model = build_model(cfg)
     assert isinstance(model.backbone, rf.TFResNetFPN) and isinstance(model.roi_heads.mask_head, DeepMaskHead)
+    assert isinstance(model.proposal_generator.rpn_head, TFRPNHead)
+    assert isinstance(model.roi_heads.box_predictor, TFFastRCNNOutputLayers)
     train_one_step_and_infer(model)

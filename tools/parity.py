@@ -53,6 +53,10 @@ from deepmac_d2.modeling import spinenet as spinenet_module  # noqa: E402
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
 from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
 from deepmac_d2.modeling.spinenet import SpineNet  # noqa: E402
+from deepmac_d2.modeling.tf_heads import (  # noqa: E402
+    TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead, reference_anchor_order,
+)
+from detectron2.modeling.box_regression import Box2BoxTransform  # noqa: E402
 from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN  # noqa: E402
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights  # noqa: E402
 
@@ -67,7 +71,10 @@ HEADS = {
 }
 # As tools/parity_tf.py's RESNET_FPN: the R50 rows' ResNet + FPN (levels 2..6, Keras 0.997 / 1e-4).
 RESNET_FPN = {"resnet50_fpn": 50}
-CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(RESNET_FPN) + list(HEADS)
+CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(RESNET_FPN) + ["rpn_head", "box_head"] + list(HEADS)
+RPN_LEVELS = range(2, 7)  # as parity_tf.py's RPN_LEVELS
+BOX_CLASSES = 3  # parity_tf.py's BOX_CLASSES, less the background
+ROI_CASES = set(HEADS) | {"box_head"}  # inputs [1, N, H, W, C] there, N x C x H x W here
 STOCHASTIC_DEPTH = 0.2  # as parity_tf.py: eval only
 SELF_CHECK_CASES = ("spinenet49", "resnet50_fpn", "hg20_head")
 # Largest difference allowed, relative to the output's scale (at least 1). Eval mode:
@@ -83,6 +90,43 @@ SPEED_INPUTS = {
     "spinenet49": (1, 640, 640, 3),
 }
 SPEED_MODES = ("forward", "forward+backward")
+
+
+class _RPNInReferenceLayout(nn.Module):
+    """TFRPNHead's outputs put back in the reference's layout, by the mapping as its docs
+    state it (not by the head's own permutation): with ratios 0.5, 1, 2 and one size, the
+    reference's anchor a (ratio width / height) is Detectron2's anchor 2 - a (height /
+    width), and its deltas are (dy, dx, dh, dw) where Detectron2's are (dx, dy, dw, dh)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features):
+        logits, deltas = self.head(features)
+        out = {}
+        for k, score, delta in zip(RPN_LEVELS, logits, deltas):
+            n, _, h, w = delta.shape
+            out[f"scores_p{k}"] = score.flip(1)
+            out[f"boxes_p{k}"] = delta.view(n, 3, 4, h, w).flip(1)[:, :, [1, 0, 3, 2]].reshape(n, 12, h, w)
+        return out
+
+
+class _BoxHeadInReferenceLayout(nn.Module):
+    """TFConvFCHead + TFFastRCNNOutputLayers, outputs put back in the reference's layout by
+    the mapping as documented: the background first among the classes, (dy, dx, dh, dw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = TFConvFCHead(ShapeSpec(channels=256, height=7, width=7), norm="BN")
+        self.predictor = TFFastRCNNOutputLayers(
+            self.head.output_shape, box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
+            num_classes=BOX_CLASSES)
+
+    def forward(self, x):
+        scores, deltas = self.predictor(self.head(x))
+        return {"classes": torch.cat([scores[:, -1:], scores[:, :-1]], 1),
+                "boxes": deltas.view(len(x), -1, 4)[:, :, [1, 0, 3, 2]].flatten(1)}
 
 
 class _HeadLayers(nn.Module):
@@ -101,6 +145,12 @@ def build_ours(name, stochastic_depth=STOCHASTIC_DEPTH):
         return SpineNet(name[len("spinenet"):], stochastic_depth_rate=stochastic_depth, norm="BN")
     if name in RESNET_FPN:
         return TFResNetFPN(RESNET_FPN[name], norm="BN", fpn_norm="BN", bn_momentum=0.003, bn_eps=1e-4)
+    if name == "box_head":
+        return _BoxHeadInReferenceLayout()
+    if name == "rpn_head":
+        return _RPNInReferenceLayout(TFRPNHead(
+            in_channels=256, num_levels=len(RPN_LEVELS), anchor_order=reference_anchor_order([0.5, 1.0, 2.0], 1),
+            norm="BN", bn_momentum=0.003, bn_eps=1e-4))
     variant, filters, _, momentum, eps = HEADS[name]
     return _HeadLayers(DeepMaskHead(
         ShapeSpec(channels=256), num_classes=1, convnet_variant=variant, num_filters=filters,
@@ -111,12 +161,12 @@ def build_ours(name, stochastic_depth=STOCHASTIC_DEPTH):
 def to_ours(name, x):
     """The reference's input in our layout: NHWC images, or [1, N, H, W, C] ROIs."""
     x = torch.from_numpy(x)
-    return x.permute(0, 3, 1, 2) if name not in HEADS else x[0].permute(0, 3, 1, 2)
+    return x.permute(0, 3, 1, 2) if name not in ROI_CASES else x[0].permute(0, 3, 1, 2)
 
 
 def to_reference(name, key, y):
     y = y.detach().numpy()
-    return y.transpose(0, 2, 3, 1) if name not in HEADS else y[None]
+    return y.transpose(0, 2, 3, 1) if name not in ROI_CASES else y[None]
 
 
 def max_diff(a, b):
@@ -158,7 +208,10 @@ def check_case(name, ref, model=None):
     """
     variables = [(k.split("|", 1)[1], ref[k]) for k in sorted(ref.files) if k.startswith("w")]
     model = (model or build_ours(name)).double()
-    x = to_ours(name, ref["input"])
+    if name == "rpn_head":
+        x = [torch.from_numpy(ref[f"input|{k}"]).permute(0, 3, 1, 2) for k in RPN_LEVELS]
+    else:
+        x = to_ours(name, ref["input"])
     load_reference_weights(model, variables, (x,))
     twin = copy.deepcopy(model)
     rows = []
@@ -167,8 +220,10 @@ def check_case(name, ref, model=None):
             diff, scale = max_diff(to_reference(name, key, y), ref[f"eval|{key}"])
             rows.append((name, f"eval {key}", diff, scale, float("nan"), diff <= RTOL["eval"] * max(scale, 1.0)))
     outputs, stats = _train_step(model, x)
-    noise = torch.from_numpy(np.random.default_rng(1).standard_normal(tuple(x.shape)))
-    twin_outputs, twin_stats = _train_step(twin, x * (1 + 1e-13 * noise))
+    rng = np.random.default_rng(1)
+    nudged = [t * (1 + 1e-13 * torch.from_numpy(rng.standard_normal(tuple(t.shape))))
+              for t in (x if isinstance(x, list) else [x])]
+    twin_outputs, twin_stats = _train_step(twin, nudged if isinstance(x, list) else nudged[0])
 
     def judge(what, ours, theirs, own):
         diff, scale = max_diff(ours, theirs)

@@ -45,7 +45,13 @@ HEADS = {
 }
 # The R50 rows' backbone: ResNet-50 + FPN at levels 2..6, norm_activation 0.997 / 1e-4.
 RESNET_FPN = {"resnet50_fpn": 50}
-CASES = [f"spinenet{m}" for m in SPINENET_IDS] + list(RESNET_FPN) + list(HEADS)
+# The R50 rows' RPN head (1 conv of 256, 3 anchors a location, BN per level 2..6) on
+# random FPN features, batch 2, P2 24 x 40 (P6 2 x 3).
+RPN_LEVELS, RPN_P2 = (2, 6), (24, 40)
+# The MaskRCNN config's box head (4 convs of 256, 1 FC of 1024, BN after each) on 8 random
+# 7 x 7 ROIs, 3 classes + background (class 0).
+BOX_CLASSES, BOX_ROIS = 4, 8
+CASES = [f"spinenet{m}" for m in SPINENET_IDS] + list(RESNET_FPN) + ["rpn_head", "box_head"] + list(HEADS)
 SPINENET_INPUT = (2, 128, 128, 3)
 # Not square, and 96 / 32 = 3: P6 is a stride-2 'SAME' conv of an odd 3 x 5 P5.
 RESNET_FPN_INPUT = (2, 96, 160, 3)
@@ -125,10 +131,35 @@ def run_case(name, out_dir, rng):
     elif name in RESNET_FPN:
         x = rng.standard_normal(RESNET_FPN_INPUT)
         model = build_resnet_fpn(name)
+    elif name == "rpn_head":
+        from official.vision.modeling.heads import dense_prediction_heads
+
+        model = dense_prediction_heads.RPNHead(
+            min_level=RPN_LEVELS[0], max_level=RPN_LEVELS[1], num_anchors_per_location=3, num_convs=1,
+            num_filters=256, use_sync_bn=True, norm_momentum=0.997, norm_epsilon=1e-4)
+        x = {str(k): rng.standard_normal((2, -(-RPN_P2[0] // 2 ** (k - 2)), -(-RPN_P2[1] // 2 ** (k - 2)), 256))
+             for k in range(RPN_LEVELS[0], RPN_LEVELS[1] + 1)}
+
+        def call(model, inp, training):
+            scores, boxes = model(inp, training=training)
+            return {**{f"scores_p{k}": v for k, v in scores.items()}, **{f"boxes_p{k}": v for k, v in boxes.items()}}
+    elif name == "box_head":
+        from official.vision.modeling.heads import instance_heads
+
+        model = instance_heads.DetectionHead(
+            num_classes=BOX_CLASSES, num_convs=4, num_filters=256, num_fcs=1, fc_dims=1024,
+            use_sync_bn=True, norm_momentum=0.997, norm_epsilon=1e-4)
+        x = rng.standard_normal((1, BOX_ROIS, 7, 7, 256))
+
+        def call(model, inp, training):
+            classes, boxes = model(inp, training=training)
+            # Detectron2 has no deltas for the background (class 0): those 4 outputs are
+            # left out here; the Dense kernel that makes them is compared through the rest.
+            return {"classes": classes, "boxes": boxes[..., 4:]}
     if name.startswith("spinenet") or name in RESNET_FPN:
         def call(model, inp, training):
             return {f"p{k}": v for k, v in model(inp, training=training).items()}
-    else:
+    elif name not in ("rpn_head", "box_head"):
         head, crop = build_head(name)
         x = rng.standard_normal((1, NUM_ROIS, crop, crop, ROI_CHANNELS))
         classes = np.zeros((1, NUM_ROIS), np.int32)
@@ -137,11 +168,11 @@ def run_case(name, out_dir, rng):
         def call(model, inp, training):
             return {"masks": model([inp, classes], training=training)}
 
-    xt = tf.constant(x)
+    xt = {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
     call(model, xt, False)  # builds the variables
     variables = creation_order(model.weights)
     randomise(variables, rng)
-    record = {"input": x}
+    record = {f"input|{k}": v for k, v in x.items()} if isinstance(x, dict) else {"input": x}
     for i, v in enumerate(variables):
         record[f"w{i:05d}|{v.name}"] = v.numpy()
     for k, v in call(model, xt, False).items():

@@ -4,6 +4,7 @@ from .hourglass import HourglassNetwork
 from .mask_head import CONVNET_VARIANTS, DeepMaskHead
 from .roi_heads import DeepMaskROIHeads
 from .spinenet import SpineNet, build_spinenet_backbone
+from .tf_heads import TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead
 from .tf_resnet_fpn import TFResNetFPN, build_tf_resnet_fpn_backbone
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "DeepMaskROIHeads",
     "HourglassNetwork",
     "SpineNet",
+    "TFConvFCHead",
+    "TFFastRCNNOutputLayers",
+    "TFRPNHead",
     "TFResNetFPN",
     "build_spinenet_backbone",
     "build_tf_resnet_fpn_backbone",

@@ -118,6 +118,17 @@ class DeepMaskROIHeads(StandardROIHeads):
         ret["mask_allowed_classes"] = allowed_contiguous_class_ids(cfg)
         return ret
 
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        if cfg.MODEL.ROI_BOX_HEAD.NAME == "TFConvFCHead":
+            # The reference's box head comes with its predictor layout (background first,
+            # (dy, dx, dh, dw) deltas for every class): tf_heads.TFFastRCNNOutputLayers.
+            from .tf_heads import TFFastRCNNOutputLayers
+
+            ret["box_predictor"] = TFFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
     def forward(
         self,
         images: ImageList,

@@ -56,7 +56,9 @@ from deepmac_d2.engine.console import metric  # noqa: E402
 from deepmac_d2.engine.frozen_detector import (  # noqa: E402
     cache_frozen_images,
     evaluate_mask_head,
+    frozen_feature_bytes,
     frozen_mappers,
+    image_subset,
     precise_mask_head_bn,
     train_mask_head,
 )
@@ -127,6 +129,13 @@ def parse_args(argv=None):
                    help="detections per image scored for mask AP, highest first (default: "
                         "10 on the synthetic data, whose images hold 2-5 objects; else the "
                         "config's TEST.DETECTIONS_PER_IMAGE)")
+    p.add_argument("--max-train-images", type=int, default=None, metavar="N",
+                   help="cache the features of N training images (a fixed random subset) "
+                        "instead of all: the cache is held in memory, ~2 views x 256 "
+                        "channels x the FPN's pixels per image (the study stops before "
+                        "training if it would not fit, and says what fits)")
+    p.add_argument("--max-val-images", type=int, default=None, metavar="N",
+                   help="likewise for the validation images (scores are on those)")
     p.add_argument("--device", choices=ACCELERATORS, default="cpu")
     p.add_argument("--data-root", default=None, help="synthetic data (default: the demo's)")
     p.add_argument("--num-train", type=int, help=argparse.SUPPRESS)
@@ -147,6 +156,9 @@ def parse_args(argv=None):
             head_opts(h)
         except ValueError as e:
             p.error(f"--heads: {e}")
+    for name in ("max_train_images", "max_val_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (leave it out for every image)")
     if args.det_seeds < 2 or args.head_seeds < 1:
         p.error("--det-seeds must be >= 2 (an interval needs two detectors) and --head-seeds >= 1")
     return args
@@ -191,10 +203,9 @@ def train_detector(folder):
     spec, cfg, trainer, coco = train_run(folder, "detector_config.yaml")
     model = trainer.model
     began = time.perf_counter()
-    train = cache_frozen_images(model, DatasetCatalog.get(cfg.DATASETS.TRAIN[0]),
-                                frozen_mappers(cfg, train=True), detections=False)
-    val = cache_frozen_images(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]),
-                              frozen_mappers(cfg, train=False), detections=True)
+    train, val = cached_images(cfg, spec.get("images", {}))
+    train = cache_frozen_images(model, train, frozen_mappers(cfg, train=True), detections=False)
+    val = cache_frozen_images(model, val, frozen_mappers(cfg, train=False), detections=True)
     shapes = {k: (v.channels, v.stride) for k, v in model.backbone.output_shape().items()}
     torch.save({"train": train, "val": val, "shapes": shapes},
                os.path.join(folder, FROZEN_FILE))
@@ -205,6 +216,46 @@ def train_detector(folder):
         "seen_box_AP": metric(coco, f"bbox/{split['seen']['subset']}"),
         "cache_seconds": time.perf_counter() - began,
     })
+
+
+def cached_images(cfg, counts):
+    """The training and validation images whose features are cached (``counts``:
+    ``{"train": N, "val": M}``, either optional; all images otherwise)."""
+    return (image_subset(DatasetCatalog.get(cfg.DATASETS.TRAIN[0]), counts.get("train")),
+            image_subset(DatasetCatalog.get(cfg.DATASETS.TEST[0]), counts.get("val")))
+
+
+def check_cache_fits(cfg, counts, available_bytes):
+    """Stop before any training when one detector's feature cache would take more than
+    half of ``available_bytes``, naming what fits."""
+    from detectron2.modeling import build_backbone
+    backbone = build_backbone(cfg)
+    train, val = cached_images(cfg, counts)
+    per_train = frozen_feature_bytes(cfg, backbone, train, views=2) / len(train)
+    need = per_train * len(train) + frozen_feature_bytes(cfg, backbone, val, views=1)
+    if need <= available_bytes / 2:
+        return
+    val_share = need - per_train * len(train)
+    fits = max(0, int((available_bytes / 2 - val_share) / per_train))
+    raise SystemExit(
+        f"[heads] the frozen features of {len(train)} training and {len(val)} validation "
+        f"images at INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST} / MAX_SIZE_TEST "
+        f"{cfg.INPUT.MAX_SIZE_TEST} take {need / 2**30:.1f} GiB ({per_train / 2**20:.0f} MiB "
+        f"per training image); this machine has {available_bytes / 2**30:.1f} GiB available "
+        f"and the study uses at most half. Cache fewer: --max-train-images {fits}"
+        + ("" if fits else " with --max-val-images, or a smaller INPUT.MIN_SIZE_TEST"))
+
+
+def available_memory_bytes():
+    """MemAvailable of /proc/meminfo; physical memory where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def head_config(args, det_cfg_text, head, mode):
@@ -464,12 +515,15 @@ def main(argv=None):
     split = class_split(base)
     if args.max_detections is None:
         args.max_detections = 10 if synthetic else base.TEST.DETECTIONS_PER_IMAGE
+    counts = {k: n for k, n in (("train", args.max_train_images), ("val", args.max_val_images))
+              if n is not None}
+    check_cache_fits(base, counts, available_memory_bytes())
     runs = []
     for seed in range(args.det_seeds):
         folder = os.path.abspath(os.path.join(detector_dir, f"detector{seed}"))
         cfg = detector_config(args, seed, folder)
-        runs.append(GridRun(f"detector{seed}", {"config": spec_config(cfg, folder), "class_split": split,
-                                                  "data": data}))
+        spec = {"config": spec_config(cfg, folder), "class_split": split, "data": data}
+        runs.append(GridRun(f"detector{seed}", dict(spec, images=counts) if counts else spec))
     began = time.perf_counter()
     detectors = run_grid(
         runs, detector_dir,

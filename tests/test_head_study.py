@@ -28,6 +28,8 @@ from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic, regist
 from deepmac_d2.engine.frozen_detector import (
     FrozenImages,
     evaluate_mask_head,
+    frozen_feature_bytes,
+    image_subset,
     precise_mask_head_bn,
     train_mask_head,
 )
@@ -105,6 +107,21 @@ class _KnownMasks(torch.nn.Module):
         return instances
 
 
+class _GroundTruthMasks(_KnownMasks):
+    """Each given box gets its own ground-truth mask back, already at the image size
+    (use with ``monkeypatch`` replacing detector_postprocess by the identity)."""
+
+    def __init__(self, targets):
+        super().__init__(None)
+        self.lookup = {tuple(box.tolist()): mask for t in targets
+                       for box, mask in zip(t.gt_boxes.tensor, t.gt_masks.tensor)}
+
+    def forward_with_given_boxes(self, features, instances):
+        for inst in instances:
+            inst.pred_masks = torch.stack([self.lookup[tuple(b.tolist())] for b in inst.pred_boxes.tensor])
+        return instances
+
+
 def _box_mask(box, h, w):
     return torch.ones(28, 28)  # the whole box: pasted, the box itself
 
@@ -158,35 +175,64 @@ def test_evaluation_of_masks_that_fill_their_boxes(tiny_val):
         assert 0 <= scores[name]["AP"] < 100  # boxes for masks: not every threshold met
 
 
-def test_evaluation_of_the_ground_truth_masks_is_perfect(tiny_val):
+def test_evaluation_of_the_ground_truth_masks_is_perfect(tiny_val, monkeypatch):
     images, targets = tiny_val
     meta = MetadataCatalog.get("hs_test_val")
-    # Each box gets its own GT mask back: pasted at the input (= original) size.
-    lookup = {}
-    for t in targets:
-        for box, mask in zip(t.gt_boxes.tensor, t.gt_masks.tensor):
-            lookup[tuple(box.tolist())] = mask
-
-    class GroundTruth(_KnownMasks):
-        def forward_with_given_boxes(self, features, instances):
-            for inst in instances:
-                inst.pred_masks = torch.stack([lookup[tuple(b.tolist())] for b in inst.pred_boxes.tensor])
-            return instances
-
-    def paste_as_is(inst, h, w):  # detector_postprocess pastes M x M masks; these are pasted
-        return inst
-
-    import deepmac_d2.engine.frozen_detector as fd
-    original = fd.detector_postprocess
-    fd.detector_postprocess = paste_as_is
-    try:
-        scores = evaluate_mask_head(GroundTruth(None), images, "hs_test_val",
-                                    {"seen": list(meta.seen_class_ids), "novel": list(meta.novel_class_ids)})
-    finally:
-        fd.detector_postprocess = original
+    # The masks are at the input (= original) size already: nothing to paste.
+    monkeypatch.setattr("deepmac_d2.engine.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
+    scores = evaluate_mask_head(_GroundTruthMasks(targets), images, "hs_test_val",
+                                {"seen": list(meta.seen_class_ids), "novel": list(meta.novel_class_ids)})
     for name in ("seen", "novel"):
         assert scores[name]["IoU_at_GT"] == pytest.approx(1.0)
         assert scores[name]["AP"] == pytest.approx(100.0)
+
+
+def test_evaluation_on_some_of_the_images_scores_only_those(tiny_val, monkeypatch):
+    """A cache of some validation images (--max-val-images): the others' ground truth
+    is not counted as missed. Detections of the first image only, masks = its GT."""
+    images, targets = tiny_val
+    meta = MetadataCatalog.get("hs_test_val")
+    first = FrozenImages(*(getattr(images, f)[:1] for f in (
+        "features", "image_sizes", "original_sizes", "image_ids", "targets", "proposals",
+        "detections")))
+    monkeypatch.setattr("deepmac_d2.engine.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
+    to_dataset = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+    present = sorted({to_dataset[int(c)] for c in targets[0].gt_classes})
+    scores = evaluate_mask_head(_GroundTruthMasks(targets[:1]), first, "hs_test_val", {"present": present})
+    assert scores["present"]["AP"] == pytest.approx(100.0)
+
+
+def test_feature_cache_size_by_hand_and_the_study_stops_before_training(monkeypatch):
+    """frozen_feature_bytes for R50-FPN at 1024 on a 480 x 640 image: resized to
+    768 x 1024 (MAX_SIZE_TEST), p2..p6 at strides 4..64, 256 channels, float16, two
+    views; and the study's check names the --max-train-images that fits."""
+    from argparse import Namespace
+    from detectron2.modeling import build_backbone
+    from deepmac_d2.engine import load_config
+    cfg = load_config(Namespace(config_file=os.path.join(ROOT, "configs", "voc_r50_hg52.yaml"),
+                                opts=["MODEL.WEIGHTS", ""]))
+    backbone = build_backbone(cfg)
+    pixels = sum((768 // s) * (1024 // s) for s in (4, 8, 16, 32, 64))
+    per_image = 256 * pixels * 2 * 2
+    dicts = [{"height": 480, "width": 640}] * 10
+    assert frozen_feature_bytes(cfg, backbone, dicts, views=2) == 10 * per_image
+    assert frozen_feature_bytes(cfg, backbone, dicts[:3], views=1) == 3 * per_image // 2
+
+    chosen = image_subset([{"i": i} for i in range(10)], 4)
+    assert chosen == image_subset([{"i": i} for i in range(10)], 4) and len(chosen) == 4
+    assert [d["i"] for d in chosen] == sorted(d["i"] for d in chosen)
+    assert len(image_subset(dicts, None)) == len(image_subset(dicts, 99)) == 10
+
+    from detectron2.data import DatasetCatalog
+    check = runpy.run_path(SCRIPT, run_name="head_study")["check_cache_fits"]
+    monkeypatch.setattr(DatasetCatalog, "get", {
+        cfg.DATASETS.TRAIN[0]: [{"height": 480, "width": 640}] * 100,
+        cfg.DATASETS.TEST[0]: [{"height": 480, "width": 640}] * 10}.__getitem__)
+    # Needed: 100 training images + 10 validation images (one view: half an image each).
+    check(cfg, {}, available_bytes=2 * 105 * per_image)  # at most half of what is available
+    with pytest.raises(SystemExit, match=r"--max-train-images 45$"):  # (50 - 5) images fit
+        check(cfg, {}, available_bytes=2 * 50 * per_image)
+    check(cfg, {"train": 45}, available_bytes=2 * 50 * per_image)
 
 
 def test_evaluation_without_detections_names_the_fix(tiny_val):
@@ -306,3 +352,54 @@ def test_study_end_to_end_on_tiny_data(tmp_path):
     # A second run reuses every detector and head run.
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "[heads " not in res.stdout and "reused" in res.stdout.lower()
+    # Longer heads on the same detectors (--detector-dir): the detectors are reused, the
+    # first study's head runs stay as they were.
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("detector*/heads/*.json")}
+    longer = [a if a != str(tmp_path / "out") else str(tmp_path / "longer") for a in cmd]
+    longer[longer.index("--head-iters") + 1] = "4"
+    longer[2:2] = ["--detector-dir", str(tmp_path / "out")]  # before the config overrides
+    res = subprocess.run(longer, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count(": reused") == 2 and "[heads 8/8, ETA 0 min]" in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in first} == first and len(first) == 8
+    out = json.loads((tmp_path / "longer" / "results.json").read_text())
+    assert all(len(r["losses"]) == 4 for r in out["runs"]) and not (tmp_path / "longer" / "detector0" / "frozen.pt").exists()
+
+
+@pytest.mark.slow
+def test_study_on_a_coco_config_and_coco_data(tmp_path):
+    """The reference's VOC -> non-VOC config on COCO-format data (tests/coco_fixture.py,
+    shrunk as in test_coco_configs.py): the split comes from the config, the detections
+    scored are the config's TEST.DETECTIONS_PER_IMAGE, and --max-*-images cache the same
+    subset that image_subset draws."""
+    from coco_fixture import make_coco2017
+    from test_coco_configs import shrink
+    from deepmac_d2.data.class_splits import NONVOC_CLASS_IDS, VOC_CLASS_IDS
+    root = make_coco2017(str(tmp_path / "datasets"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "voc_r50_hg52.yaml"),
+           "--output-dir", str(out), "--heads", "default", "--modes", "gt_boxes,proposals",
+           "--det-seeds", "2", "--head-seeds", "1", "--det-iters", "4", "--head-iters", "2",
+           "--bn-batches", "1", "--max-train-images", "6", "--max-val-images", "5"]
+    cmd += shrink(str(out / "unused"))[:-2]  # each detector has its own OUTPUT_DIR
+    env = dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["class_split"] == {"seen": {"subset": "voc", "ids": sorted(VOC_CLASS_IDS)},
+                                     "novel": {"subset": "nonvoc", "ids": sorted(NONVOC_CLASS_IDS)}}
+    assert result["args"]["max_detections"] == 20 and len(result["runs"]) == 4
+    for r in result["runs"]:
+        assert 0 <= r["novel_IoU"] <= 1 and 0 <= r["seen_IoU"] <= 1 and len(r["losses"]) == 2
+    frozen = torch.load(out / "detector0" / "frozen.pt", weights_only=False)
+    from detectron2.data.datasets import load_coco_json
+
+    def dataset(split):  # what coco_2017_<split> reads, in its order
+        coco = os.path.join(root, "coco")
+        return load_coco_json(os.path.join(coco, "annotations", f"instances_{split}2017.json"),
+                              os.path.join(coco, f"{split}2017"))
+
+    want_train = [d["image_id"] for d in image_subset(dataset("train"), 6)]
+    want_val = [d["image_id"] for d in image_subset(dataset("val"), 5)]
+    assert frozen["train"].image_ids == [i for i in want_train for _ in range(2)]  # as is, mirrored
+    assert frozen["val"].image_ids == want_val

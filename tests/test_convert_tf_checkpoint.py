@@ -8,6 +8,7 @@ not fit the config must fail naming the checkpoint key and the config key.
 """
 import copy
 import importlib.util
+import re
 import os
 
 import pytest
@@ -19,8 +20,9 @@ from torch import nn
 import deepmac_d2  # noqa: F401  (registers)
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order
 from deepmac_d2.tf_port.checkpoint import (
-    CONVERTED, _MaskHeadLayers, load_reference_checkpoint, reference_spec,
+    CONVERTED, _BoxHeadLayers, _MaskHeadLayers, converted_prefixes, load_reference_checkpoint, reference_spec,
 )
+from deepmac_d2.modeling.tf_heads import TFFastRCNNOutputLayers, TFRPNHead
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -41,6 +43,7 @@ SMALL_RESNET = [
     "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_MASK_HEAD.CONVNET_VARIANT", "hourglass10",
     "MODEL.ROI_MASK_HEAD.CONV_DIM", "8", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "8",
     "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]", "MODEL.ROI_BOX_HEAD.FC_DIM", "16",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV", "1", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
 ]
 
 
@@ -54,10 +57,12 @@ def resnet_config(*opts):
 
 def keras_layout(layer, attr, value):
     """Our tensor in the reference's layout: conv kernels (kh, kw, in, out), transposed-conv
-    kernels (kh, kw, out, in), BatchNorm vectors as they are."""
+    kernels (kh, kw, out, in), Dense kernels (in, out), BatchNorm vectors as they are."""
     value = value.detach().numpy()
     if attr == "weight" and value.ndim == 4:
         return value.transpose(2, 3, 1, 0)
+    if attr == "weight" and value.ndim == 2:
+        return value.T
     return value
 
 
@@ -80,6 +85,14 @@ def manifest_from(model):
     else:
         modules = {"backbone": (model.backbone, image)}
     modules["mask_head"] = (_MaskHeadLayers(roi_heads.mask_head), rois)
+    if isinstance(model.proposal_generator.rpn_head, TFRPNHead):  # the reference's own heads
+        shapes = model.backbone.output_shape()
+        modules["rpn_head"] = (model.proposal_generator.rpn_head, [
+            torch.zeros(1, shapes[f].channels, side // shapes[f].stride, side // shapes[f].stride)
+            for f in model.proposal_generator.in_features])
+    if isinstance(roi_heads.box_predictor, TFFastRCNNOutputLayers):
+        modules["detection_head"] = (_BoxHeadLayers(roi_heads.box_head, roi_heads.box_predictor),
+                                     torch.zeros(2, channels, *roi_heads.box_pooler.output_size))
     manifest, arrays = {"components": {}}, {}
     for component, (module, x) in modules.items():
         variables = []
@@ -261,7 +274,9 @@ def test_resnet_fpn_conversion_reproduces_the_source_model(resnet_models):
     manifest, arrays = manifest_from(source)
     name_map = load_reference_checkpoint(target, cfg, manifest, arrays)
     mine, theirs = target.state_dict(), source.state_dict()
-    converted = [k for k in mine if k.startswith(CONVERTED) and "num_batches_tracked" not in k]
+    prefixes = converted_prefixes(cfg)  # the config has the reference's RPN and box heads too
+    assert "proposal_generator.rpn_head." in prefixes and "roi_heads.box_predictor." in prefixes
+    converted = [k for k in mine if k.startswith(prefixes) and "num_batches_tracked" not in k]
     assert sorted(ours for ours, _, _ in name_map) == sorted(converted)
     # The reference's backbone into bottom_up, its decoder into fpn, in creation order.
     assert name_map[0][:2] == ("backbone.bottom_up.stem.0.weight", "backbone/stem.0/kernel:0")
@@ -273,6 +288,10 @@ def test_resnet_fpn_conversion_reproduces_the_source_model(resnet_models):
     with torch.no_grad():
         for level, y in target.backbone(x).items():
             torch.testing.assert_close(y, source.backbone(x)[level])
+        rois = torch.randn(3, 16, 7, 7)
+        for ours, theirs in zip(target.roi_heads.box_predictor(target.roi_heads.box_head(rois)),
+                                source.roi_heads.box_predictor(source.roi_heads.box_head(rois))):
+            torch.testing.assert_close(ours, theirs)
 
 
 def test_resnet_fpn_mismatches_name_variable_and_key(resnet_models):
@@ -297,7 +316,7 @@ def resnet_params(**changes):
                 "resnetd_shortcut": False, "replace_stem_max_pool": False}},
              "decoder": {"type": "fpn", "fpn": {"num_filters": 16, "fusion_type": "sum",
                                                 "use_separable_conv": False}},
-             "min_level": 2, "max_level": 6,
+             "min_level": 2, "max_level": 6, "anchor": {"num_scales": 1, "aspect_ratios": [0.5, 1.0, 2.0]},
              "mask_head": {"convnet_variant": "hourglass10", "num_filters": 8, "num_convs": 4,
                            "upsample_factor": 2},
              "mask_roi_aligner": {"crop_size": 8}, "norm_activation": {"norm_epsilon": 0.0001}}
@@ -314,6 +333,9 @@ def resnet_params(**changes):
     ({"backbone.resnet.resnetd_shortcut": True}, "resnetd_shortcut is True; 'build_tf_resnet_fpn_backbone' "
                                                  "builds False only"),
     ({"backbone.type": "spinenet"}, "set MODEL.BACKBONE.NAME build_spinenet_backbone"),
+    # The anchors' order at a location, which the RPN head's outputs are reordered by.
+    ({"anchor.aspect_ratios": [1.0, 2.0, 0.5]}, "set it to [[1.0, 2.0, 0.5]]"),
+    ({"anchor.num_scales": 3}, "give each level 3 sizes"),
 ])
 def test_resnet_fpn_reference_config_must_agree(resnet_models, change, message):
     cfg, source, target = resnet_models
@@ -322,5 +344,5 @@ def test_resnet_fpn_reference_config_must_agree(resnet_models, change, message):
     if message is None:
         load_reference_checkpoint(target, cfg, manifest, arrays)
         return
-    with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConversionError, match=re.escape(message)):
         load_reference_checkpoint(target, cfg, manifest, arrays)

@@ -12,10 +12,12 @@ build_tf_resnet_fpn_backbone, e.g. configs/voc_tf_r50_hg52.yaml; mask-head varia
 width); ``tools/read_tf_checkpoint.py``
 reads it in ``.venv-tf`` and ``deepmac_d2.tf_port`` checks and converts. A checkpoint
 that does not fit the config stops with the first variable that does not fit and the
-config key to change. The .pth holds the backbone and the mask head only: load it for
+config key to change. The .pth holds the backbone and the mask head: load it for
 BoxMaskPredictor / tools/predict_box_masks.py (masks for given boxes, the reference's
-``image_and_boxes_tensor``); the RPN and box head stay untrained (Detectron2 lists
-them as missing when it loads the file). Trailing KEY VALUE pairs override the config.
+``image_and_boxes_tensor``). The RPN and box head convert too where the config has the
+reference's own heads (MODEL.RPN.HEAD_NAME TFRPNHead, MODEL.ROI_BOX_HEAD.NAME
+TFConvFCHead); otherwise they stay untrained (Detectron2 lists them as missing when it
+loads the file). Trailing KEY VALUE pairs override the config.
 """
 import argparse
 import json
@@ -31,7 +33,7 @@ from detectron2.modeling import build_model
 
 from deepmac_d2 import add_deepmac_config
 from deepmac_d2.tf_port import ConversionError
-from deepmac_d2.tf_port.checkpoint import CONVERTED, load_reference_checkpoint, reference_spec
+from deepmac_d2.tf_port.checkpoint import converted_prefixes, load_reference_checkpoint, reference_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
@@ -70,7 +72,7 @@ def convert(cfg, checkpoint, output, tf_python=TF_PYTHON):
     manifest, arrays = read_reference(checkpoint, spec, tf_python)
     model = build_model(cfg).eval()
     name_map = load_reference_checkpoint(model, cfg, manifest, arrays)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(CONVERTED)}
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(converted_prefixes(cfg))}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "__author__": f"tools/convert_tf_checkpoint.py from {checkpoint}"}, output)
     return name_map
@@ -90,8 +92,18 @@ def main(argv=None):
         name_map = convert(cfg, args.checkpoint, args.output, args.tf_python)
     except ConversionError as err:
         raise SystemExit(f"error: {args.checkpoint} does not fit {args.config_file}: {err}")
-    print(f"wrote {args.output}: {len(name_map)} tensors (backbone, mask head); "
-          "RPN and box head not converted")
+    parts = ["backbone", "mask head"]
+    if cfg.MODEL.RPN.HEAD_NAME == "TFRPNHead":
+        parts.append("RPN head")
+    if cfg.MODEL.ROI_BOX_HEAD.NAME == "TFConvFCHead":
+        parts.append("box head")
+    missing = {"RPN head", "box head"} - set(parts)
+    print(f"wrote {args.output}: {len(name_map)} tensors ({', '.join(parts)})"
+          + (f"; {' and '.join(sorted(missing))} not converted (MODEL.RPN.HEAD_NAME TFRPNHead, "
+             "MODEL.ROI_BOX_HEAD.NAME TFConvFCHead convert them)" if missing else ""))
+    if "RPN head" in parts and cfg.MODEL.ANCHOR_GENERATOR.OFFSET != 0.5:
+        print("note: the reference centres its anchors in their cells; MODEL.ANCHOR_GENERATOR.OFFSET 0.5 "
+              f"reproduces them (this config: {cfg.MODEL.ANCHOR_GENERATOR.OFFSET})")
     if args.name_map:
         Path(args.name_map).write_text("".join("\t".join(row) + "\n" for row in name_map))
     head = cfg.MODEL.ROI_MASK_HEAD

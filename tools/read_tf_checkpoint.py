@@ -39,9 +39,11 @@ from parity_tf import creation_order  # noqa: E402  (tools/, next to this file)
 
 
 def components(spec):
-    """The parts whose weights deepmac-d2 ports (the RPN and box head are not among them):
-    a SpineNet has no decoder (the reference's 'identity'), a ResNet its FPN."""
-    return ("backbone", "decoder", "mask_head") if "resnet" in spec else ("backbone", "mask_head")
+    """The parts whose weights deepmac-d2 ports: a SpineNet has no decoder (the reference's
+    'identity'), a ResNet its FPN; the RPN and box head where the spec names them (the
+    config has the reference's own heads)."""
+    parts = ("backbone", "decoder") if "resnet" in spec else ("backbone",)
+    return parts + ("mask_head",) + tuple(p for p in ("rpn_head", "detection_head") if p in spec)
 
 
 def reference_params(spec):
@@ -69,6 +71,11 @@ def reference_params(spec):
     for key in ("convnet_variant", "num_filters", "num_convs", "upsample_factor", "class_agnostic"):
         setattr(model.mask_head, key, head[key])
     model.mask_roi_aligner.crop_size = spec["crop_size"]
+    for part in ("rpn_head", "detection_head", "anchor"):
+        for key, value in spec.get(part, {}).items():
+            setattr(getattr(model, part), key, value)
+    if "box_crop_size" in spec:
+        model.roi_aligner.crop_size = spec["box_crop_size"]
     # float32 on CPU here; the released recipes train in bf16 with float32 variables.
     params.runtime.mixed_precision_dtype = "float32"
     return params

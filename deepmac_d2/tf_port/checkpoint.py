@@ -13,19 +13,33 @@ uses no decoder with it) or into the reference's ResNet-FPN
 (``build_tf_resnet_fpn_backbone``: its ``backbone`` component into ``bottom_up``, its
 ``decoder`` into ``fpn``; Detectron2's own ResNet-FPN pads strided convs otherwise, has
 no BatchNorm in its FPN and max-pools P6, so it cannot take them), and the mask head.
-Not converted: the RPN and the box head (Model Garden's carry BatchNorm where
-Detectron2's have none, count the background as class 0 and regress in another box
-layout).
+The RPN and the box head convert into the reference's own heads only
+(``MODEL.RPN.HEAD_NAME "TFRPNHead"``, ``MODEL.ROI_BOX_HEAD.NAME "TFConvFCHead"``,
+deepmac_d2/modeling/tf_heads.py): Model Garden's carry BatchNorm where Detectron2's have
+none, count the background as class 0 and regress (dy, dx, dh, dw); with Detectron2's
+own heads they stay as built (and Detectron2 reports them missing from the .pth).
 """
 import torch
 from torch import nn
 
+from ..modeling.spinenet import SCALING_MAP
 from .convert import ConversionError, load_reference_weights
 
-__all__ = ["CONVERTED", "reference_spec", "load_reference_checkpoint"]
+__all__ = ["CONVERTED", "converted_prefixes", "reference_spec", "load_reference_checkpoint"]
 
-# The parts of a GeneralizedRCNN's state_dict that a reference checkpoint gives.
+# The parts of a GeneralizedRCNN's state_dict that a reference checkpoint always gives.
 CONVERTED = ("backbone.", "roi_heads.mask_head.")
+TF_RPN_HEAD, TF_BOX_HEAD = "TFRPNHead", "TFConvFCHead"
+
+
+def converted_prefixes(cfg):
+    """:data:`CONVERTED`, and the RPN and box head's where ``cfg`` has the reference's heads."""
+    prefixes = list(CONVERTED)
+    if cfg.MODEL.RPN.HEAD_NAME == TF_RPN_HEAD:
+        prefixes.append("proposal_generator.rpn_head.")
+    if cfg.MODEL.ROI_BOX_HEAD.NAME == TF_BOX_HEAD:
+        prefixes += ["roi_heads.box_head.", "roi_heads.box_predictor."]
+    return tuple(prefixes)
 
 SPINENET, RESNET_FPN = "build_spinenet_backbone", "build_tf_resnet_fpn_backbone"
 # The reference's backbone type for each backbone that takes its checkpoints.
@@ -41,8 +55,18 @@ _KEYS = {
                              "(TF min_level / max_level)",
     "mask_head": "MODEL.ROI_MASK_HEAD.CONV_DIM (TF mask_head.num_filters), CONVNET_VARIANT "
                  "(TF mask_head.convnet_variant) or NUM_CONV (TF mask_head.num_convs)",
+    "rpn_head": "MODEL.RPN.CONV_DIMS (TF rpn_head.num_convs, num_filters) or MODEL.ANCHOR_GENERATOR "
+                "(TF anchor.num_scales x aspect_ratios anchors a location)",
+    "detection_head": "MODEL.ROI_BOX_HEAD.NUM_CONV, CONV_DIM, NUM_FC, FC_DIM (TF detection_head.num_convs, "
+                      "num_filters, num_fcs, fc_dims), POOLER_RESOLUTION (TF roi_aligner.crop_size) or "
+                      "MODEL.ROI_HEADS.NUM_CLASSES (TF num_classes - 1)",
 }
 _NORMS = ("BN", "SyncBN", "FrozenBN")
+# How to leave out a component the checkpoint may lack.
+_LEAVE_OUT = {
+    "rpn_head": "MODEL.RPN.HEAD_NAME StandardRPNHead",
+    "detection_head": "MODEL.ROI_BOX_HEAD.NAME FastRCNNConvFCHead",
+}
 
 
 def _backbone_spec(cfg):
@@ -79,6 +103,19 @@ def reference_spec(cfg):
             "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK is False: a per-class head's channels are "
             "the reference's class ids (background 0); only class-agnostic heads convert"
         )
+    if cfg.MODEL.RPN.HEAD_NAME == TF_RPN_HEAD:
+        anchors = cfg.MODEL.ANCHOR_GENERATOR
+        width = cfg.MODEL.RPN.CONV_DIMS[0]
+        if width == -1:  # Detectron2's "as wide as the features"
+            width = (cfg.MODEL.FPN.OUT_CHANNELS if cfg.MODEL.BACKBONE.NAME == RESNET_FPN
+                     else SCALING_MAP[str(cfg.MODEL.SPINENET.MODEL_ID)][0])
+        spec["rpn_head"] = {"num_convs": len(cfg.MODEL.RPN.CONV_DIMS), "num_filters": width}
+        spec["anchor"] = {"num_scales": len(anchors.SIZES[0]), "aspect_ratios": list(anchors.ASPECT_RATIOS[0])}
+    if cfg.MODEL.ROI_BOX_HEAD.NAME == TF_BOX_HEAD:
+        box = cfg.MODEL.ROI_BOX_HEAD
+        spec["detection_head"] = {"num_convs": box.NUM_CONV, "num_filters": box.CONV_DIM,
+                                  "num_fcs": box.NUM_FC, "fc_dims": box.FC_DIM}
+        spec["box_crop_size"] = box.POOLER_RESOLUTION
     return {
         **spec,
         "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # the reference counts background
@@ -158,6 +195,7 @@ def check_reference_config(cfg, params):
         if theirs not in supported:
             raise ConversionError(f"{path}: task.model.{dotted} is {theirs!r}; {name!r} builds "
                                   f"{supported[0]!r} only (the deepmac_maskrcnn experiments' setting)")
+    _check_heads_config(cfg, path, model)
     for dotted, keys in _PARAMS[name]:
         theirs = _lookup(model, dotted)
         for key in keys:
@@ -171,6 +209,22 @@ def check_reference_config(cfg, params):
                                       f"{key} is {ours!r}: set {key} {theirs}")
 
 
+def _check_heads_config(cfg, path, model):
+    """The reference's RPN anchors against ``cfg``'s, where ``cfg`` converts its RPN head."""
+    if cfg.MODEL.RPN.HEAD_NAME != TF_RPN_HEAD:
+        return
+    anchors = cfg.MODEL.ANCHOR_GENERATOR
+    ratios, scales = _lookup(model, "anchor.aspect_ratios"), _lookup(model, "anchor.num_scales")
+    if [float(r) for r in ratios] != [float(r) for r in anchors.ASPECT_RATIOS[0]]:
+        raise ConversionError(f"{path}: task.model.anchor.aspect_ratios is {ratios}, the config's "
+                              f"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS is {anchors.ASPECT_RATIOS}: set it to "
+                              f"[{list(ratios)}] (the same list: TFRPNHead reads it as height / width)")
+    if any(len(sizes) != scales for sizes in anchors.SIZES):
+        raise ConversionError(f"{path}: task.model.anchor.num_scales is {scales}, the config's "
+                              f"MODEL.ANCHOR_GENERATOR.SIZES has {len(anchors.SIZES[0])} a level: give each "
+                              f"level {scales} sizes, anchor_size x 2^level x 2^(i / {scales})")
+
+
 def _checked_variables(component, entry, arrays, backbone):
     """``[(reference name, array)]`` of one component, after checking it fits."""
     expected, unused = entry["variables"], entry["unused"]
@@ -180,6 +234,12 @@ def _checked_variables(component, entry, arrays, backbone):
         )
     keys = _KEYS.get(component) or _KEYS[component, backbone]
     found = sum(e["found"] is not None for e in expected) + len(unused)
+    if not found and component in _LEAVE_OUT:
+        raise ConversionError(
+            f"the checkpoint's {component} has no variables (an export whose serving never runs it, "
+            f"such as the reference's image_and_boxes_tensor SavedModel, saves none): convert a training "
+            f"checkpoint, or set {_LEAVE_OUT[component]} to leave it out"
+        )
     sizes = f"the checkpoint's {component} has {found} variables, this config's {len(expected)}"
     for i, e in enumerate(expected):
         if e["found"] is None:
@@ -212,6 +272,17 @@ class _MaskHeadLayers(nn.Module):
         return self.head.layers(x)
 
 
+class _BoxHeadLayers(nn.Module):
+    """The box head and its predictor, the reference's one DetectionHead."""
+
+    def __init__(self, box_head, box_predictor):
+        super().__init__()
+        self.box_head, self.box_predictor = box_head, box_predictor
+
+    def forward(self, x):
+        return self.box_predictor(self.box_head(x))
+
+
 def load_reference_checkpoint(model, cfg, manifest, arrays):
     """Copy a reference checkpoint's backbone and mask head into ``model``, in place.
 
@@ -224,7 +295,7 @@ def load_reference_checkpoint(model, cfg, manifest, arrays):
 
     Returns:
         the name map: ``[(our state_dict key, the reference's variable name, the
-        checkpoint's key)]``; every one of ours is under one of :data:`CONVERTED`.
+        checkpoint's key)]``; every one of ours is under one of :func:`converted_prefixes`.
     """
     if manifest.get("params"):
         check_reference_config(cfg, manifest["params"])
@@ -245,6 +316,15 @@ def load_reference_checkpoint(model, cfg, manifest, arrays):
     else:
         parts = [("backbone", model.backbone, image, "backbone.", "")]
     parts.append(("mask_head", _MaskHeadLayers(roi_heads.mask_head), rois, "roi_heads.mask_head.", "head."))
+    if cfg.MODEL.RPN.HEAD_NAME == TF_RPN_HEAD:
+        shapes = model.backbone.output_shape()
+        levels = [torch.zeros(1, shapes[f].channels, max(side // shapes[f].stride, 1), max(side // shapes[f].stride, 1),
+                              device=device) for f in model.proposal_generator.in_features]
+        parts.append(("rpn_head", model.proposal_generator.rpn_head, levels, "proposal_generator.rpn_head.", ""))
+    if cfg.MODEL.ROI_BOX_HEAD.NAME == TF_BOX_HEAD:
+        box_rois = torch.zeros(2, channels, *roi_heads.box_pooler.output_size, device=device)
+        parts.append(("detection_head", _BoxHeadLayers(roi_heads.box_head, roi_heads.box_predictor), box_rois,
+                      "roi_heads.", ""))
     name_map = []
     for component, module, example, place, own in parts:
         variables = _checked_variables(component, components[component], arrays, cfg.MODEL.BACKBONE.NAME)

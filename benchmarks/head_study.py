@@ -386,6 +386,15 @@ def paired_differences(rows, metric_key, args):
     return out
 
 
+def loss_tail(curves):
+    """Whether the runs' loss has flattened: the mean loss over their last 10% of steps,
+    and how much lower it is than over the 10% before (means over runs)."""
+    tenth = max(1, len(curves[0]) // 10)
+    last = float(np.mean([c[-tenth:] for c in curves]))
+    before = float(np.mean([c[-2 * tenth:-tenth] for c in curves]))
+    return {"last": last, "drop": before - last}
+
+
 def cell_summary(rows, args):
     """Per (head, mode): each metric's mean and 95% interval over detector x head seeds."""
     out = []
@@ -393,7 +402,8 @@ def cell_summary(rows, args):
         for mode in args.modes:
             cell = [r for r in rows if r["spec"]["head"] == head and r["spec"]["mode"] == mode]
             entry = {"head": head, "mode": mode, "params": cell[0]["params"],
-                     "minutes": float(np.mean([r["train_seconds"] for r in cell])) / 60}
+                     "minutes": float(np.mean([r["train_seconds"] for r in cell])) / 60,
+                     "loss_tail": loss_tail([r["losses"] for r in cell])}
             for key, _, _ in METRICS:
                 values = [[r[key] for r in cell if r["spec"]["det_seed"] == d]
                           for d in range(args.det_seeds)]
@@ -416,14 +426,15 @@ def tables(summary, differences, detectors, args):
         f"{args.det_seeds} seeds x {args.det_iters} iterations.",
         "",
         "| mask head | params | mask training | " + " | ".join(m[1] for m in METRICS)
-        + " | train min |",
-        "|" + "---|" * (len(METRICS) + 4),
+        + " | loss, last 10% (drop) | train min |",
+        "|" + "---|" * (len(METRICS) + 5),
     ]
     for e in summary:
         cells = ["Detectron2 stock" if e["head"] == STOCK else e["head"], f"{e['params']:,}",
                  MODE_LABELS[e["mode"]]]
         cells += [_fmt(e[k]["mean"], e[k]["ci"], d) for k, _, d in METRICS]
-        lines.append("| " + " | ".join(cells + [f"{e['minutes']:.1f}"]) + " |")
+        tail = f"{e['loss_tail']['last']:.3f} ({e['loss_tail']['drop']:.3f})"
+        lines.append("| " + " | ".join(cells + [tail, f"{e['minutes']:.1f}"]) + " |")
     lines += ["", "| claim (paired: same detector, same head seed) | "
               + " | ".join(differences) + " |", "|---|" + "---|" * len(differences)]
     first = next(iter(differences.values()))
@@ -439,7 +450,8 @@ def tables(summary, differences, detectors, args):
               "head seeds: Student-t on the per-detector means (df = detector seeds - 1). "
               "* : the interval excludes 0. Mask AP in %, on each validation image's "
               f"{args.max_detections} highest-scoring detections of the frozen detector; "
-              "IoU@GT: mean mask IoU per instance with the GT box given. Each head: "
+              "IoU@GT: mean mask IoU per instance with the GT box given. Loss: the mean over "
+              "the runs' last 10% of steps, and how much lower than over the 10% before. Each head: "
               f"{args.head_iters} SGD steps of {args.head_batch} images, peak LR {args.head_lr} (warmup, cosine), "
               + (f"BatchNorm statistics recomputed over {args.bn_batches} training batches."
                  if args.bn_batches else "BatchNorm running statistics as trained.")]

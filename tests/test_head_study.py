@@ -63,6 +63,16 @@ def test_nested_interval_by_hand():
     assert one_unit[0] == 2.0 and all(math.isnan(b) for b in one_unit[1])
 
 
+def test_loss_tail_by_hand():
+    """20 steps: the last tenth is steps 18-19, the tenth before 16-17; means over runs."""
+    loss_tail = runpy.run_path(SCRIPT, run_name="head_study")["loss_tail"]
+    a = [1.0] * 16 + [0.5, 0.7, 0.2, 0.4]
+    b = [2.0] * 16 + [0.9, 0.9, 0.6, 0.6]
+    tail = loss_tail([a, b])
+    assert tail["last"] == pytest.approx((0.2 + 0.4 + 0.6 + 0.6) / 4)
+    assert tail["drop"] == pytest.approx((0.5 + 0.7 + 0.9 + 0.9) / 4 - tail["last"])
+
+
 def test_paired_differences_by_hand():
     script = runpy.run_path(SCRIPT, run_name="head_study")
     args = script["parse_args"](["--heads", "default,hourglass10", "--modes", "gt_boxes,proposals",

@@ -92,29 +92,38 @@ SPEED_INPUTS = {
 SPEED_MODES = ("forward", "forward+backward")
 
 
-class _RPNInReferenceLayout(nn.Module):
-    """TFRPNHead's outputs put back in the reference's layout, by the mapping as its docs
-    state it (not by the head's own permutation): with ratios 0.5, 1, 2 and one size, the
-    reference's anchor a (ratio width / height) is Detectron2's anchor 2 - a (height /
-    width), and its deltas are (dy, dx, dh, dw) where Detectron2's are (dx, dy, dw, dh)."""
+def rpn_in_reference_layout(logits, deltas, levels):
+    """TFRPNHead's outputs (Detectron2's layout) put back in the reference's, by the
+    mapping as documented (not by the head's own permutation): with ratios 0.5, 1, 2 and
+    one size, the reference's anchor a (ratio width / height) is Detectron2's anchor 2 - a
+    (height / width), and its deltas are (dy, dx, dh, dw) where Detectron2's are (dx, dy,
+    dw, dh). ``{scores_p<k>, boxes_p<k>}``, N x C x H x W in the reference's channel order."""
+    out = {}
+    for k, score, delta in zip(levels, logits, deltas):
+        n, _, h, w = delta.shape
+        out[f"scores_p{k}"] = score.flip(1)
+        out[f"boxes_p{k}"] = delta.view(n, 3, 4, h, w).flip(1)[:, :, [1, 0, 3, 2]].reshape(n, 12, h, w)
+    return out
 
+
+def box_in_reference_layout(scores, deltas):
+    """TFFastRCNNOutputLayers' outputs in the reference's layout (the background first
+    among the classes, (dy, dx, dh, dw)), its background deltas left out (Detectron2 has none)."""
+    return {"classes": torch.cat([scores[:, -1:], scores[:, :-1]], 1),
+            "boxes": deltas.view(len(deltas), -1, 4)[:, :, [1, 0, 3, 2]].flatten(1)}
+
+
+class _RPNInReferenceLayout(nn.Module):
     def __init__(self, head):
         super().__init__()
         self.head = head
 
     def forward(self, features):
-        logits, deltas = self.head(features)
-        out = {}
-        for k, score, delta in zip(RPN_LEVELS, logits, deltas):
-            n, _, h, w = delta.shape
-            out[f"scores_p{k}"] = score.flip(1)
-            out[f"boxes_p{k}"] = delta.view(n, 3, 4, h, w).flip(1)[:, :, [1, 0, 3, 2]].reshape(n, 12, h, w)
-        return out
+        return rpn_in_reference_layout(*self.head(features), RPN_LEVELS)
 
 
 class _BoxHeadInReferenceLayout(nn.Module):
-    """TFConvFCHead + TFFastRCNNOutputLayers, outputs put back in the reference's layout by
-    the mapping as documented: the background first among the classes, (dy, dx, dh, dw)."""
+    """TFConvFCHead + TFFastRCNNOutputLayers, outputs in the reference's layout."""
 
     def __init__(self):
         super().__init__()
@@ -124,9 +133,7 @@ class _BoxHeadInReferenceLayout(nn.Module):
             num_classes=BOX_CLASSES)
 
     def forward(self, x):
-        scores, deltas = self.predictor(self.head(x))
-        return {"classes": torch.cat([scores[:, -1:], scores[:, :-1]], 1),
-                "boxes": deltas.view(len(x), -1, 4)[:, :, [1, 0, 3, 2]].flatten(1)}
+        return box_in_reference_layout(*self.predictor(self.head(x)))
 
 
 class _HeadLayers(nn.Module):

@@ -45,6 +45,7 @@ from detectron2.structures import Boxes, Instances
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_tf_checkpoint import TF_PYTHON, convert, load_config  # noqa: E402
+from parity import box_in_reference_layout, rpn_in_reference_layout  # noqa: E402
 
 from deepmac_d2.box_masks import BoxMaskPredictor  # noqa: E402
 from deepmac_d2.tf_port import ConversionError  # noqa: E402
@@ -106,6 +107,30 @@ def roi_probabilities(predictor, image, boxes):
     return result.pred_masks[:, 0].numpy()
 
 
+def head_differences(predictor, serving):
+    """Max |ours - the reference's| of the RPN head's outputs (each level) and the box
+    head's (for the native image's boxes), in the reference's layout, and the scale."""
+    model = predictor.model
+    image, boxes = serving["native|image"], serving["native|boxes"]
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))}])
+        features = model.backbone(images.tensor)
+        rpn = model.proposal_generator
+        levels = [int(f[1:]) for f in rpn.in_features]
+        ours = rpn_in_reference_layout(*rpn.rpn_head([features[f] for f in rpn.in_features]), levels)
+        ours = {k: v.permute(0, 2, 3, 1) for k, v in ours.items()}  # NHWC
+        heads = model.roi_heads
+        rois = heads.box_pooler([features[f] for f in heads.box_in_features], [Boxes(torch.from_numpy(boxes))])
+        ours.update(box_in_reference_layout(*heads.box_predictor(heads.box_head(rois))))
+    ours["box_deltas"] = ours.pop("boxes")
+    rpn_keys = [k for k in ours if k.startswith(("scores_p", "boxes_p"))]
+    worst = {}
+    for part, keys in (("RPN head", rpn_keys), ("box head", ["classes", "box_deltas"])):
+        worst[part] = max(float(np.abs(ours[k].numpy() - serving[f"heads|{k}"]).max()) for k in keys)
+        worst[part + " scale"] = max(float(np.abs(serving[f"heads|{k}"]).max()) for k in keys)
+    return worst
+
+
 def mask_iou(ours, theirs):
     """Per-instance IoU of two N x H x W boolean mask stacks (1 where both are empty)."""
     inter = (ours & theirs).sum((1, 2))
@@ -160,6 +185,12 @@ def check_suite(suite, ref_dir, tmp):
         rows.append((f"{name}: max |p - p_ref| per ROI pixel (mean {mean:.2g})", f"{worst:.3g}",
                      worst <= TOLERANCE if held else None))
         rows.append((f"{name}: min mask IoU, image size", f"{iou:.4f}", iou >= 0.99 if held else None))
+    if "heads|classes" in serving.files:
+        worst = head_differences(predictor, serving)
+        for part in ("RPN head", "box head"):
+            rows.append((f"native: max |ours - ref| of the {part}'s outputs (max |ref| "
+                         f"{worst[part + ' scale']:.3g})", f"{worst[part]:.3g}",
+                         worst[part] <= TOLERANCE * max(worst[part + " scale"], 1.0)))
     d2_cfg = load_config(config, overrides + DETECTRON2_ROI_ALIGN)
     worst, mean, iou = compare(BoxMaskPredictor(d2_cfg, weights=str(weights["ckpt"])), serving, "native")
     rows.append((f"native, Detectron2's ROIAlignV2: max |p - p_ref| (mean {mean:.2g})", f"{worst:.3g}", None))

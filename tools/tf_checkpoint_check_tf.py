@@ -9,7 +9,9 @@ writes what ``tools/tf_checkpoint_check.py`` converts and compares against:
   ``checkpoint_items`` at the root, ``global_step``);
 - ``export/saved_model``: the reference's own export (``export_inference_graph`` with
   its DetectionModule, input type ``image_and_boxes_tensor``) of that checkpoint;
-- ``serving.npz``: images, boxes and the SavedModel's ``detection_masks`` for them;
+- ``serving.npz``: images, boxes and the SavedModel's ``detection_masks`` for them; where
+  the spec has the reference's RPN and box heads, also their outputs on the native image
+  and its boxes (``heads|...``: the SavedModel serves masks for given boxes only);
 - ``mismatch_<case>/``: checkpoints of models that differ from the spec in one key.
 
     .venv-tf/bin/python tools/tf_checkpoint_check_tf.py --spec spec.json --out DIR
@@ -64,6 +66,25 @@ def boxes_for(height, width):
     ], np.float32).clip(0, [width, height, width, height]).astype(np.float32)
 
 
+def head_outputs(model, image, boxes):
+    """The reference's RPN head (every level) and box head (on the XYXY ``boxes``) outputs
+    for a uint8 RGB ``image`` at the model's input size, as its model computes them: the
+    image normalised by ImageNet's mean and std, the decoder's features, its RoIAlign."""
+    from official.vision.ops import preprocess_ops
+
+    x = preprocess_ops.normalize_image(tf.constant(image))[None]
+    features = model.decoder(model.backbone(x, training=False), training=False)
+    scores, deltas = model.rpn_head(features, training=False)
+    rois = model.roi_aligner(features, tf.constant(boxes[None][:, :, [1, 0, 3, 2]]), training=False)
+    head = model.detection_head  # a list of one (the model's cascade slot)
+    classes, box_deltas = (head if callable(head) else head[0])(rois, training=False)
+    out = {f"scores_p{k}": v.numpy() for k, v in scores.items()}
+    out.update({f"boxes_p{k}": v.numpy() for k, v in deltas.items()})
+    # Detectron2 has no deltas for the background (class 0): its 4 are left out.
+    out.update(classes=classes.numpy()[0], box_deltas=box_deltas.numpy()[0][:, 4:])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", required=True)
@@ -103,6 +124,8 @@ def main():
         out = serve(**{image_arg: tf.constant(image[None]), boxes_arg: tf.constant(normalised[None])})
         record.update({f"{name}|image": image, f"{name}|boxes": boxes,
                        f"{name}|masks": out["detection_masks"].numpy()[0]})
+        if name == "native" and "rpn_head" in spec and "detection_head" in spec:
+            record.update({f"heads|{k}": v for k, v in head_outputs(model, image, boxes).items()})
     np.savez(os.path.join(args.out, "serving.npz"), **record)
     print(f"[tf-checkpoint-check] served {export_dir}", flush=True)
 

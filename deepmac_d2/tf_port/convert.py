@@ -1,7 +1,8 @@
 """Weights of a TF Model Garden module into the deepmac-d2 module that ports it.
 
 The ports build and call their layers in the reference's order (SpineNet, the
-hourglass, DeepMaskHead), and Keras creates a layer's variables at its first call.
+ResNet and FPN, the RPN and box heads, the hourglass, DeepMaskHead), and Keras creates a
+layer's variables at its first call.
 So the reference's variables in creation order, and our conv / BatchNorm layers in
 the order a forward pass first runs them, pair up one to one: no table of names to
 keep in sync with either code base. The pairing is checked, not assumed: every

@@ -5,11 +5,14 @@ The parameter counts were measured by building the reference here
 input 128, levels 3..7; ``tools/parity_tf.py`` prints them): trainable = conv kernels +
 BN gamma/beta, non-trainable = BN moving statistics. ``make parity`` compares outputs.
 """
+import copy
 import math
 import os
+import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import deepmac_d2
@@ -112,6 +115,12 @@ def test_same_padding_puts_the_extra_pixel_after():
     assert sp._same_padding(128, 7, 2) == (2, 3)
     # Max pool: padding never wins (all-negative input).
     assert sp._max_pool_same(-torch.ones(1, 1, 4, 4)).tolist() == [[[[-1.0, -1.0], [-1.0, -1.0]]]]
+    # ... and its ceil_mode windows are those of an explicit -inf 'SAME' padding, odd sizes too.
+    for h, w in [(1, 2), (3, 4), (5, 6), (8, 7), (10, 9)]:
+        x = torch.randn(2, 3, h, w)
+        (top, bottom), (left, right) = sp._same_padding(h, 3, 2), sp._same_padding(w, 3, 2)
+        padded = F.pad(x, (left, right, top, bottom), value=-math.inf)
+        assert torch.equal(sp._max_pool_same(x), F.max_pool2d(padded, 3, 2))
 
 
 def test_stochastic_depth_rates_as_reference():
@@ -139,6 +148,78 @@ def test_stochastic_depth_per_sample_in_training_off_in_eval():
     is_dropped = [torch.allclose(y[i], dropped[i]) for i in range(64)]
     assert all(k != d for k, d in zip(is_kept, is_dropped))  # each sample: one or the other
     assert 16 < sum(is_kept) < 48  # per sample, about half: not all or none of the batch
+
+
+def randomised_spinenet(model_id="49"):
+    """An eval-mode SpineNet whose BatchNorms are no identities."""
+    torch.manual_seed(0)
+    model = sp.SpineNet(model_id, norm="BN")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def assert_same_function(model, x, rtol):
+    """Inference (no autograd: BN folded into the convs, on the CPU in float32 one oneDNN
+    op per conv with its ReLU and residual add) against the layers one by one (autograd)."""
+    layered = model(x)
+    with torch.no_grad():
+        fast = model(x)
+    for name, y in layered.items():
+        assert fast[name].is_contiguous()
+        assert (fast[name] - y).abs().max() <= rtol * y.abs().max(), name
+
+
+@pytest.mark.parametrize("model_id", ["49", "96"])
+def test_inference_path_is_the_layers_function(model_id):
+    model = randomised_spinenet(model_id)
+    x = torch.randn(2, 3, 256, 256)
+    assert_same_function(model, x, rtol=1e-5)
+    with torch.backends.mkldnn.flags(enabled=False):  # folded, plain F.conv2d
+        assert_same_function(model, x, rtol=1e-5)
+    assert_same_function(model.double(), x.double(), rtol=1e-12)
+
+
+def test_folded_weights_follow_parameter_changes():
+    model = randomised_spinenet()
+    x = torch.randn(1, 3, 128, 128)
+    assert_same_function(model, x, rtol=1e-5)
+    norm = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    with torch.no_grad():
+        norm.running_mean.add_(1.0)  # in place, as training updates it
+    assert_same_function(model, x, rtol=1e-5)
+    model.load_state_dict({k: v * 1.01 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    assert_same_function(model, x, rtol=1e-5)
+    assert_same_function(model, torch.randn(1, 3, 256, 128), rtol=1e-5)  # another size
+    assert_same_function(copy.deepcopy(model), x, rtol=1e-5)
+    assert_same_function(pickle.loads(pickle.dumps(model)), x, rtol=1e-5)
+    # A hook sees its layer run (the weight converter pairs layers by such hooks).
+    seen = []
+    norm.register_forward_pre_hook(lambda m, inputs: seen.append(m))
+    with torch.no_grad():
+        model(x)
+    assert seen == [norm]
+    model.train()
+    assert all(m._folded is None for m in model.modules() if isinstance(m, sp.ConvNorm))
+
+
+def test_inference_leaves_hooked_outputs_alone():
+    # Inference writes a block's output into tensors no one else sees (a projection's
+    # output, the previous block's): a hook that keeps one sees it unchanged.
+    model = randomised_spinenet()
+    kept = {}
+    for name in ("stem_groups.0", "stem_groups.0.0.shortcut", "blocks.2.resample0", "blocks.3.group.0"):
+        model.get_submodule(name).register_forward_hook(
+            lambda module, inputs, out, name=name: kept.update({name: (out, out.clone())}))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 128, 128))
+    for name, (out, at_the_time) in kept.items():
+        assert torch.equal(out, at_the_time), name
 
 
 def spinenet143_hg52_cfg():

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from torchvision.ops import stochastic_depth
 
 from detectron2.layers import ShapeSpec
@@ -81,27 +82,158 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, bias=False)
 
     def forward(self, x):
+        x, padding = self.pad_same(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding)
+
+    def pad_same(self, x):
+        """``x`` padded where TF's 'SAME' padding is asymmetric, and the (symmetric)
+        padding left to the conv, which pads itself without F.pad's copy."""
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         top, bottom = _same_padding(x.shape[-2], kh, sh)
         left, right = _same_padding(x.shape[-1], kw, sw)
-        if top == bottom and left == right:  # the conv pads itself, without F.pad's copy
-            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
-        return super().forward(F.pad(x, (left, right, top, bottom)))
+        if top == bottom and left == right:
+            return x, (top, left)
+        return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
 def _max_pool_same(x):
-    """3x3 stride-2 max pool with TF's 'SAME' padding (padding never wins the max)."""
-    top, bottom = _same_padding(x.shape[-2], 3, 2)
-    left, right = _same_padding(x.shape[-1], 3, 2)
-    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), 3, 2)
+    """3x3 stride-2 max pool with TF's 'SAME' padding (padding never wins the max).
+
+    TF pads (before, after) = (0, 1) on even sizes, (1, 1) on odd ones: PyTorch's own
+    padding by ``before`` on both sides, with ``ceil_mode``, gives the same windows (one
+    reaching past the end keeps the values inside), without a padded copy of ``x``.
+    """
+    top, _ = _same_padding(x.shape[-2], 3, 2)
+    left, _ = _same_padding(x.shape[-1], 3, 2)
+    return F.max_pool2d(x, 3, 2, padding=(top, left), ceil_mode=True)
+
+
+def _inference(module):
+    """Whether ``module`` runs for inference only: eval mode without autograd
+    (``torch.no_grad`` or ``torch.inference_mode``, as Detectron2 runs inference)."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _has_hooks(*modules):
+    """Whether a forward hook would see ``modules`` (or any module) run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
+        getattr(_module_globals, "_global_forward_hooks", None)
+        or getattr(_module_globals, "_global_forward_pre_hooks", None)
+    )
+
+
+def _hook_free(module):
+    """Whether no forward hook sees ``module`` or any module in it run: then no one but
+    ``module`` sees the tensors between its layers, which may be overwritten once used."""
+    return not _has_hooks(*module.modules())
+
+
+# PyTorch's oneDNN conv ops behind torch.compile's CPU conv fusions: a conv that adds
+# its bias and applies a ReLU as it writes its output, one that adds it into a given
+# residual tensor, and the weight reordered once into the layout oneDNN computes with.
+# Absent without oneDNN or before PyTorch 2.
+_ONEDNN_OPS = getattr(torch.ops, "mkldnn", None)
+_ONEDNN_CONV = getattr(_ONEDNN_OPS, "_convolution_pointwise", None)
+_ONEDNN_CONV_ = getattr(_ONEDNN_OPS, "_convolution_pointwise_", None)
+_ONEDNN_WEIGHT = getattr(_ONEDNN_OPS, "_reorder_convolution_weight", None)
+
+
+def _onednn(x):
+    """Whether inference on ``x`` uses those ops: float32 on the CPU, oneDNN enabled."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32
+        and None not in (_ONEDNN_CONV, _ONEDNN_CONV_, _ONEDNN_WEIGHT)
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    )
+
+
+def _memory_format(x):
+    """channels_last where ``x`` is laid out so (and not also contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class ConvNorm(nn.Sequential):
-    """Conv (no bias) + norm (+ ReLU): the reference's conv/BN/activation triple."""
+    """Conv (no bias) + norm (+ ReLU): the reference's conv/BN/activation triple.
+
+    Inference (:func:`_inference`) runs it as one conv, the BatchNorm folded into its
+    weight, w x gamma / sqrt(var + eps), and bias, beta - mean x gamma / sqrt(var + eps):
+    the same function up to float rounding. Float32 on the CPU, that conv is one oneDNN
+    op (see :data:`_ONEDNN_CONV`), which also applies the ReLU and a block's residual add,
+    with the weight kept in oneDNN's layout. The folded weight is made once per input
+    size and kept until a parameter or statistic changes (their version counters) or
+    :meth:`train` is called. Training, autograd, norms other than BatchNorm, and hooks on
+    the conv or norm (the weight converter's call-order hooks) run the layers one by
+    one, as always.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True, norm="BN"):
         conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
         super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
+        self._folded = None  # (what it was made from, weight, bias)
+
+    def train(self, mode=True):
+        self._folded = None
+        return super().train(mode)
+
+    def __getstate__(self):  # copies and pickles leave the folded weight behind
+        return {**super().__getstate__(), "_folded": None}
+
+    def _folded_weights(self, conv, norm, x, padding, onednn):
+        """The conv's weight and bias with ``norm`` folded in, for input ``x``."""
+        tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        try:
+            key = (norm.eps, _memory_format(x), onednn and tuple(x.shape)) + tuple(
+                None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
+            )
+        except RuntimeError:  # inference tensors (made in torch.inference_mode) have no version
+            key = None
+        if key is None or self._folded is None or self._folded[0] != key:
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            bias = -norm.running_mean * scale
+            if norm.bias is not None:
+                bias = bias + norm.bias
+            if conv.bias is not None:
+                bias = bias + conv.bias * scale
+            weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=_memory_format(x))
+            if onednn:
+                weight = _ONEDNN_WEIGHT(weight, padding, conv.stride, (1, 1), 1, x.shape)
+            self._folded = (key, weight, bias)
+        return self._folded[1:]
+
+    def forward(self, x, residual=None, inplace=False):
+        """With ``residual`` (inference only): ReLU(conv, norm + ``residual``); ``inplace``:
+        ``residual`` is a temporary the caller no longer needs, which it may overwrite."""
+        layers = list(self._modules.values())
+        conv, norm = layers[0], layers[1] if len(layers) > 1 else None
+        if not (
+            _inference(self) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and norm.running_var is not None and not _has_hooks(conv, norm)
+        ):
+            y = super().forward(x)
+            return y if residual is None else F.relu_(y + residual)
+        relu = residual is not None or isinstance(layers[-1], nn.ReLU)
+        x, padding = conv.pad_same(x)
+        onednn = _onednn(x)
+        weight, bias = self._folded_weights(conv, norm, x, padding, onednn)
+        if not onednn:
+            y = F.conv2d(x, weight, bias, conv.stride, padding)
+        else:
+            x = x.contiguous(memory_format=_memory_format(x))
+            args = (weight, bias, padding, conv.stride, (1, 1), 1)
+            if residual is None:
+                return _ONEDNN_CONV(x, *args, "relu" if relu else "none", [], "")
+            if inplace and residual.is_contiguous(memory_format=_memory_format(x)):
+                # Into the residual: no new tensor. (Into a new one, oneDNN's add is slower
+                # than the separate add and ReLU below.)
+                return _ONEDNN_CONV_.binary(residual, x, *args, "add", 1.0, "relu", [], None)
+            y = _ONEDNN_CONV(x, *args, "none", [], "")
+        if residual is not None:
+            y += residual
+        return F.relu_(y) if relu else y
 
 
 class _Block(nn.Module):
@@ -116,8 +248,17 @@ class _Block(nn.Module):
         self.branch = branch
         self.drop_rate = drop_rate
 
-    def forward(self, x):
+    def forward(self, x, reuse=False, owned=False):
+        """``reuse`` (inference only, nothing hooked: :func:`_hook_free`): the output may
+        overwrite the projection shortcut's, or ``x`` if ``owned`` (a temporary the caller
+        no longer needs)."""
         shortcut = self.shortcut(x) if self.shortcut is not None else x
+        if _inference(self) and not _has_hooks(self.branch):
+            # No drop in eval; the branch's last conv adds the shortcut and applies the ReLU.
+            *layers, last = self.branch
+            for layer in layers:
+                x = layer(x)
+            return last(x, residual=shortcut, inplace=reuse and (owned or self.shortcut is not None))
         # Per-sample drop of the residual branch, scaled by 1 / keep-rate; identity in eval.
         y = stochastic_depth(self.branch(x), self.drop_rate, "row", self.training)
         return F.relu_(y + shortcut)
@@ -147,6 +288,18 @@ def residual_block(in_channels, filters, projection, drop_rate, norm):
 _BLOCK_FNS = {"bottleneck": (bottleneck_block, 4), "residual": (residual_block, 1)}
 
 
+def _run_group(group, x, reuse, owned):
+    """A block group on ``x``; with ``reuse`` (see :meth:`_Block.forward`) each block may
+    overwrite its input where that is a temporary: the previous block's output, or ``x``
+    if ``owned``."""
+    if not _inference(group) or _has_hooks(group):
+        return group(x)
+    for block in group:
+        x = block(x, reuse, owned)
+        owned = True
+    return x
+
+
 def block_group(in_channels, filters, kind, repeats, drop_rate, norm):
     """``repeats`` blocks at one level; only the first may project (width change)."""
     make, expansion = _BLOCK_FNS[kind]
@@ -173,7 +326,8 @@ class Resample(nn.Module):
         self.up = 2 ** max(in_level - out_level, 0)
         self.expand = ConvNorm(mid, out_channels, 1, relu=False, norm=norm)
 
-    def forward(self, x):
+    def forward(self, x, residual=None, inplace=False):
+        """With ``residual`` (inference only): ReLU(the resampled ``x`` + ``residual``)."""
         x = self.reduce(x)
         if self.down is not None:
             x = self.down(x)
@@ -181,7 +335,7 @@ class Resample(nn.Module):
                 x = _max_pool_same(x)
         elif self.up > 1:
             x = F.interpolate(x, scale_factor=self.up, mode="nearest")
-        return self.expand(x)
+        return self.expand(x, residual=residual, inplace=inplace)
 
 
 class ScalePermutedBlock(nn.Module):
@@ -197,11 +351,18 @@ class ScalePermutedBlock(nn.Module):
         self.parents = parents
         self.extra_parents = extra_parents
 
-    def forward(self, features):
-        x = self.resample0(features[self.parents[0]]) + self.resample1(features[self.parents[1]])
-        for j in self.extra_parents:
-            x += features[j]
-        return self.group(F.relu_(x))
+    def forward(self, features, reuse=False):
+        """``reuse``: see :meth:`_Block.forward`."""
+        x = self.resample0(features[self.parents[0]])
+        if _inference(self) and not self.extra_parents and not _has_hooks(self.resample1):
+            # The second resampling's last conv adds the first and applies the ReLU.
+            x = self.resample1(features[self.parents[1]], residual=x, inplace=reuse)
+        else:
+            x = x + self.resample1(features[self.parents[1]])
+            for j in self.extra_parents:
+                x += features[j]
+            x = F.relu_(x)
+        return _run_group(self.group, x, reuse, owned=True)
 
 
 class SpineNet(Backbone):
@@ -333,16 +494,20 @@ class SpineNet(Backbone):
                 f"times), e.g. 640, 1024 or 1280; got {tuple(x.shape)}. Detectron2's models pad "
                 f"to backbone.size_divisibility={d} themselves; pad direct inputs likewise."
             )
+        inference = _inference(self)
+        if inference and _onednn(x):  # oneDNN's fastest layout, converted once
+            x = x.contiguous(memory_format=torch.channels_last)
+        reuse = inference and _hook_free(self)  # see _Block.forward
         x = _max_pool_same(self.stem(x))
         features = []
         for group in self.stem_groups:
-            x = group(x)
+            x = _run_group(group, x, reuse, owned=not features)  # the max pool's output is a temporary
             features.append(x)
         for i in range(2, 2 + len(BLOCK_SPECS)):
             block = self.blocks[str(i)] if str(i) in self.blocks else None
-            features.append(block(features) if block is not None else None)
-        return {
-            f"p{level}": self.endpoints[f"p{level}"](features[self._endpoint_block[level]])
+            features.append(block(features, reuse) if block is not None else None)
+        return {  # contiguous (NCHW), whatever the layout inside
+            f"p{level}": self.endpoints[f"p{level}"](features[self._endpoint_block[level]]).contiguous()
             for level in self._out_levels
         }
 

@@ -39,8 +39,9 @@ parity: setup setup-tf
 
 # tools/convert_tf_checkpoint.py on a checkpoint and a SavedModel that the reference writes
 # here (random weights), for a SpineNet and a ResNet-FPN model: our masks for given boxes
-# against its image_and_boxes_tensor output, and the errors for checkpoints that do not
-# fit (tools/tf_checkpoint_check.py; ~20-25 min on 2 shared cores).
+# against its image_and_boxes_tensor output, the ResNet-FPN model's converted RPN and box
+# heads against its own, and the errors for checkpoints that do not fit
+# (tools/tf_checkpoint_check.py; ~20-25 min on 2 shared cores).
 tf-checkpoint-check: setup setup-tf
 	$(VENV) tools/tf_checkpoint_check.py
 

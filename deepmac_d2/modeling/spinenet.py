@@ -67,6 +67,17 @@ BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 
 
+def check_input_size(x, divisor, backbone, why):
+    """A backbone whose levels must halve exactly: N x C x H x W with H and W multiples
+    of ``divisor``, else an error naming ``backbone``, the sizes that work and ``why``."""
+    if x.dim() != 4 or x.shape[-2] % divisor or x.shape[-1] % divisor:
+        raise ValueError(
+            f"{backbone} takes N x C x H x W inputs with H and W multiples of {divisor} ({why}); "
+            f"got {tuple(x.shape)}. Detectron2's models pad to backbone.size_divisibility "
+            "themselves; pad direct inputs likewise."
+        )
+
+
 def _same_padding(size, kernel, stride):
     """TF's 'SAME' padding (before, after) along one axis: with stride 2 on an even
     size the extra pixel goes after, where PyTorch's symmetric padding would put one
@@ -487,13 +498,8 @@ class SpineNet(Backbone):
 
     def forward(self, x):
         d = self.size_divisibility
-        if x.dim() != 4 or x.shape[-2] % d or x.shape[-1] % d:
-            raise ValueError(
-                f"SpineNet (MODEL.BACKBONE.NAME 'build_spinenet_backbone') takes N x C x H x W "
-                f"inputs with H and W multiples of {d} (its level-7 blocks halve the input 7 "
-                f"times), e.g. 640, 1024 or 1280; got {tuple(x.shape)}. Detectron2's models pad "
-                f"to backbone.size_divisibility={d} themselves; pad direct inputs likewise."
-            )
+        check_input_size(x, d, "SpineNet (MODEL.BACKBONE.NAME 'build_spinenet_backbone')",
+                         "its level-7 blocks halve the input 7 times: e.g. 640, 1024 or 1280")
         inference = _inference(self)
         if inference and _onednn(x):  # oneDNN's fastest layout, converted once
             x = x.contiguous(memory_format=torch.channels_last)

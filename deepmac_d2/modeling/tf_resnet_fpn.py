@@ -23,7 +23,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from .hourglass import norm_layer
-from .spinenet import Conv2dSame, ConvNorm, _Block, _max_pool_same
+from .spinenet import Conv2dSame, ConvNorm, _Block, _max_pool_same, check_input_size
 
 __all__ = ["TFResNet", "TFFPN", "TFResNetFPN", "build_tf_resnet_fpn_backbone", "RESNET_BLOCKS"]
 
@@ -206,14 +206,9 @@ class TFResNetFPN(Backbone):
         return 2 ** self.fpn.max_level
 
     def forward(self, x):
-        d = 2 ** self.fpn.top
-        if x.dim() != 4 or x.shape[-2] % d or x.shape[-1] % d:
-            raise ValueError(
-                f"the TF ResNet-FPN backbone (MODEL.BACKBONE.NAME 'build_tf_resnet_fpn_backbone') takes "
-                f"N x C x H x W inputs with H and W multiples of {d} (its top-down path doubles level "
-                f"{self.fpn.top} back to level {self.fpn.min_level}); got {tuple(x.shape)}. Detectron2's "
-                f"models pad to backbone.size_divisibility={self.size_divisibility} themselves."
-            )
+        check_input_size(x, 2 ** self.fpn.top,
+                         "the TF ResNet-FPN backbone (MODEL.BACKBONE.NAME 'build_tf_resnet_fpn_backbone')",
+                         f"its top-down path doubles level {self.fpn.top} back to level {self.fpn.min_level}")
         features = {int(n[3:]): v for n, v in self.bottom_up(x).items()}
         return {f"p{k}": v for k, v in self.fpn(features).items()}
 

@@ -231,12 +231,13 @@ def check_cache_fits(cfg, counts, available_bytes):
     from detectron2.modeling import build_backbone
     backbone = build_backbone(cfg)
     train, val = cached_images(cfg, counts)
-    per_train = frozen_feature_bytes(cfg, backbone, train, views=2) / len(train)
-    need = per_train * len(train) + frozen_feature_bytes(cfg, backbone, val, views=1)
+    train_bytes = frozen_feature_bytes(cfg, backbone, train, views=2)
+    val_bytes = frozen_feature_bytes(cfg, backbone, val, views=1)
+    need = train_bytes + val_bytes
     if need <= available_bytes / 2:
         return
-    val_share = need - per_train * len(train)
-    fits = max(0, int((available_bytes / 2 - val_share) / per_train))
+    per_train = train_bytes / len(train)
+    fits = max(0, int((available_bytes / 2 - val_bytes) / per_train))
     raise SystemExit(
         f"[heads] the frozen features of {len(train)} training and {len(val)} validation "
         f"images at INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST} / MAX_SIZE_TEST "

@@ -100,13 +100,13 @@ def frozen_feature_bytes(cfg, backbone, dataset_dicts: Sequence[dict], *, views:
     ``height`` and ``width``: 64 MiB per 640 x 480 training image at 1024 pixels with
     R50-FPN (COCO's 118k images: 7 TiB), 0.25 MiB at the synthetic demo's 128."""
     divisor = max(getattr(backbone, "size_divisibility", 0), 1)
+    levels = backbone.output_shape().values()
     total = 0
     for d in dataset_dicts:
         h, w = T.ResizeShortestEdge.get_output_shape(
             d["height"], d["width"], cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         h, w = math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
-        total += sum(s.channels * math.ceil(h / s.stride) * math.ceil(w / s.stride)
-                     for s in backbone.output_shape().values())
+        total += sum(s.channels * math.ceil(h / s.stride) * math.ceil(w / s.stride) for s in levels)
     return 2 * total * views
 
 

@@ -128,10 +128,18 @@ def copypaste_results(log):
 
 
 def pycocotools_metrics(gt_json, results_json, iou_type, cat_ids):
-    """COCOeval's six AP numbers in %, NaN where COCOeval has -1, with params.catIds."""
+    """COCOeval's six AP numbers in %, NaN where COCOeval has -1, with params.catIds.
+
+    For mask AP the results lose their "bbox": with it, loadRes takes box areas as the
+    instances' areas, and APs/APm/APl would use the box, not the mask, to size them."""
+    with open(results_json) as f:
+        results = json.load(f)
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox", None)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(gt_json)
-        dt = gt.loadRes(results_json)
+        dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iou_type)
         ev.params.catIds = sorted(cat_ids)
         ev.evaluate()

@@ -1,0 +1,136 @@
+"""The CPU speed paths compute the layers' own function (README, "Speed against the reference").
+
+- Inference of the hourglass heads folds each BatchNorm into its conv and runs conv,
+  ReLU and the residual add as one oneDNN op (``FoldedConvNorm``, as SpineNet's): the
+  same outputs as the layers one by one, up to float rounding.
+- SpineNet trains channels-last on the CPU in float32: the same outputs and gradients
+  as NCHW (oneDNN disabled, PyTorch's own kernels).
+"""
+import pytest
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from deepmac_d2.modeling import hourglass as hg
+from deepmac_d2.modeling.mask_head import DeepMaskHead
+from deepmac_d2.modeling.spinenet import SpineNet
+from deepmac_d2.modeling.spinenet import bottleneck_block
+
+
+def randomise_norms(model, seed=0):
+    """Moving statistics and affine parameters away from 0 / 1, so folding them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t, (lo, hi) in ((m.running_mean, (-1, 1)), (m.running_var, (0.5, 2)),
+                                    (m.weight, (0.5, 1.5)), (m.bias, (-0.5, 0.5))):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model
+
+
+def hourglass_head(variant="hourglass20", filters=8):
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, convnet_variant=variant,
+                        num_filters=filters, norm="BN")
+    return randomise_norms(head).eval()
+
+
+def assert_same_function(fn, x, rtol):
+    """``fn`` for inference (no autograd: the folded path) against the layers one by one
+    (autograd on, eval mode)."""
+    layered = fn(x)
+    with torch.no_grad():
+        fast = fn(x)
+    with torch.inference_mode():
+        fast_inference_mode = fn(x)
+    scale = layered.abs().max()
+    assert (fast - layered).abs().max() <= rtol * scale
+    assert (fast_inference_mode - layered).abs().max() <= rtol * scale
+
+
+@pytest.mark.parametrize("variant", ["hourglass10", "hourglass20", "hourglass52"])
+def test_hourglass_head_inference_is_the_layers_function(variant):
+    head = hourglass_head(variant)
+    for rois, size in [(3, 32), (1, 14), (2, 17)]:  # ROI counts vary; odd sizes cut the decoder
+        x = torch.randn(rois, 16, size, size)
+        assert_same_function(head.layers, x, rtol=1e-5)
+        with torch.backends.mkldnn.flags(enabled=False):  # folded, plain F.conv2d
+            assert_same_function(head.layers, x, rtol=1e-5)
+    head.double()
+    assert_same_function(head.layers, torch.randn(3, 16, 32, 32, dtype=torch.float64), rtol=1e-12)
+
+
+def test_folded_weights_kept_across_eval_and_renewed_on_change():
+    head = hourglass_head()
+    x = torch.randn(2, 16, 16, 16)
+    blocks = [m for m in head.modules() if isinstance(m, hg.FoldedConvNorm)]
+    with torch.no_grad():
+        head.eval().layers(x)
+        folded = [m._folded for m in blocks]
+        head.eval().layers(x)  # eval() again: nothing changed, nothing made again
+        assert all(m._folded is f for m, f in zip(blocks, folded))
+    norm = next(m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    with torch.no_grad():
+        norm.running_mean.add_(1.0)  # in place, as training updates it
+    assert_same_function(head.layers, x, rtol=1e-5)
+    head.train()
+    assert all(m._folded is None for m in blocks)
+
+
+def test_hooks_see_the_reference_call_order_and_unchanged_outputs():
+    # The weight converter pairs layers with the reference's by forward hooks, in call
+    # order (conv1, conv2, then the projection shortcut); a hook sees the layers run.
+    block = randomise_norms(hg.ResidualBlock(8, 16, stride=2)).eval()
+    order, kept = [], {}
+    for name in ("conv1", "conv2", "skip"):
+        getattr(block, name)[0].register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+    block.skip.register_forward_hook(lambda m, i, out: kept.update(skip=(out, out.clone())))
+    with torch.no_grad():
+        block(torch.randn(2, 8, 8, 8))
+    assert order == ["conv1", "conv2", "skip"]
+    out, copy = kept["skip"]
+    assert torch.equal(out, copy)  # not overwritten by the residual add
+
+
+def _forward_backward(model, x):
+    """Outputs, parameter gradients and moving statistics of one forward+backward
+    (the statistics then put back, so the next run starts from the same state)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out = out if isinstance(out, dict) else {"out": out}
+    sum((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() for y in out.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.load_state_dict(state)
+    return out, grads, stats
+
+
+def assert_close(fast, plain, rtol):
+    for ours, ref in zip(fast, plain):
+        for k in ref:
+            assert (ours[k] - ref[k]).abs().max() <= rtol * ref[k].abs().max() + 1e-7, k
+
+
+def test_spinenet_channels_last_is_the_nchw_function_with_gradients():
+    # Eval mode with autograd: the layers one by one (nothing folded), channels-last
+    # inside in float32 on the CPU, gradients through every conv. (Train mode of the whole
+    # net is too ill-conditioned at a testable size, its 1x1 level-7 BatchNorms amplifying
+    # float32 rounding to O(0.1); the block below checks train mode.)
+    torch.manual_seed(0)
+    model = randomise_norms(SpineNet("49S", norm="BN")).eval()
+    x = torch.randn(1, 3, 128, 128)
+    fast = _forward_backward(model, x)  # channels-last inside
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain = _forward_backward(model, x)  # NCHW, PyTorch's own kernels
+    assert_close(fast, plain, rtol=1e-4)
+    assert all(y.is_contiguous() for y in fast[0].values())  # NCHW out, whatever inside
+
+
+def test_spinenet_block_trains_channels_last_as_nchw():
+    torch.manual_seed(0)
+    block = randomise_norms(bottleneck_block(64, 32, projection=True, drop_rate=0.0, norm="BN")).train()
+    x = torch.randn(2, 64, 20, 20)
+    fast = _forward_backward(block, x.contiguous(memory_format=torch.channels_last))
+    plain = _forward_backward(block, x)
+    assert_close(fast, plain, rtol=1e-4)

@@ -21,7 +21,9 @@ of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 
 (as it trains) in a worker process (``tools/parity_tf.py --speed-worker``); the two
 sides' runs alternate, so load from other processes falls on both; each row gives
 the median and the minimum wall time of ``--speed-repeats`` runs, and the median
-process CPU time, which such load inflates less.
+process CPU time, which such load inflates less. Both sides run with OpenMP threads that
+sleep between ops and a glibc malloc that keeps freed memory (``MALLOC_SETTINGS``; set
+``MALLOC_MMAP_MAX_=`` empty for glibc's defaults), as TF's own allocator does.
 
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
@@ -30,6 +32,7 @@ process CPU time, which such load inflates less.
 """
 import argparse
 import copy
+import ctypes
 import json
 import os
 import subprocess
@@ -42,6 +45,15 @@ from pathlib import Path
 # jobs a spinning thread keeps the core its partner waits for (our 2-thread times rose
 # 3-8x at load 8 on 2 cores). TF's thread pool sleeps; so do ours here, before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# glibc's malloc hands blocks over its mmap threshold (at most 32 MB) back to the kernel
+# on free, so every step page-faults and zeroes its large activations again (Hourglass-52
+# at 64 ROIs: 0.5 M faults and 0.8 s of system time per forward+backward, 64 x 128 x 32 x 32
+# floats being 33.5 MB). TF's oneDNN CPU allocator keeps such blocks in a pool; so does
+# glibc with these settings (the environment variables act at a process's start, for the
+# reference's worker; ours calls mallopt, see _keep_freed_memory).
+MALLOC_SETTINGS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+for _key, _value in MALLOC_SETTINGS.items():
+    os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -333,13 +345,34 @@ def _time_ours(model, x, mode):
     return seconds
 
 
+def _keep_freed_memory():
+    """This process's glibc malloc set as ``MALLOC_SETTINGS`` (no mmap, no trimming),
+    so freed activations are reused, not faulted in again; a no-op where the settings
+    are unset or there is no glibc. Returns the settings in force, for the table."""
+    settings = {k: os.environ.get(k) for k in MALLOC_SETTINGS}
+    if not all(settings.values()):  # unset or set empty (MALLOC_MMAP_MAX_= ...): defaults
+        return "glibc malloc defaults"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "no glibc"
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    if not (libc.mallopt(m_mmap_max, int(settings["MALLOC_MMAP_MAX_"]))
+            and libc.mallopt(m_trim_threshold, int(settings["MALLOC_TRIM_THRESHOLD_"]))):
+        return "glibc malloc defaults (mallopt refused)"
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def speed(cases, repeats, threads):
     """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
-    (wall, CPU) seconds per run."""
+    (wall, CPU) seconds per run, and the malloc settings in force."""
     torch.set_num_threads(threads)
+    malloc = _keep_freed_memory()
     worker = subprocess.Popen(
         [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        # An empty MALLOC_* variable (glibc would read it as 0) means defaults there too.
+        env={k: v for k, v in os.environ.items() if v or k not in MALLOC_SETTINGS},
     )
 
     def reference(**request):
@@ -370,15 +403,15 @@ def speed(cases, repeats, threads):
         worker.stdin.close()
         worker.wait()
     return [(name, "x".join(map(str, SPEED_INPUTS[name])), mode, *times[name, mode])
-            for name in cases for mode in SPEED_MODES]
+            for name in cases for mode in SPEED_MODES], malloc
 
 
 def print_speed_table(cases, repeats, threads):
     load_before = os.getloadavg()[0]
-    rows = speed(cases, repeats, threads)
+    rows, malloc = speed(cases, repeats, threads)
     load = load_before, os.getloadavg()[0]
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
-          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), ms per call, "
+          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {malloc}), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
           "threads), which other jobs' load inflates less than the wall time.")

@@ -134,3 +134,24 @@ def test_spinenet_block_trains_channels_last_as_nchw():
     fast = _forward_backward(block, x.contiguous(memory_format=torch.channels_last))
     plain = _forward_backward(block, x)
     assert_close(fast, plain, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_deconv_gradients_are_pytorchs(dtype):
+    # Training on the CPU runs the deconv through _TransposedConv (TF's gradients):
+    # the same outputs and gradients as nn.ConvTranspose2d's own backward.
+    from deepmac_d2.modeling import mask_head
+
+    torch.manual_seed(0)
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, num_filters=8, norm="").to(dtype).train()
+    x = torch.randn(3, 16, 9, 9, dtype=dtype, requires_grad=True)
+    ours = head.layers(x)
+    assert ours.grad_fn is not None
+    with torch.nn.modules.module.register_module_forward_hook(lambda *args: None):
+        reference = head.layers(x)  # a global hook: the module itself runs
+    weight = torch.linspace(-1, 1, ours.numel(), dtype=dtype).view_as(ours)
+    inputs = [x] + list(head.parameters())
+    for a, b in zip(torch.autograd.grad((ours * weight).sum(), inputs),
+                    torch.autograd.grad((reference * weight).sum(), inputs)):
+        assert (a - b).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12) * b.abs().max()
+    assert torch.equal(ours, reference)

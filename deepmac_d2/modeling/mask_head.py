@@ -10,6 +10,7 @@ the parameter counts equal the reference's); Detectron2's ``mask_rcnn_loss`` and
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align
 
 from detectron2.config import configurable
@@ -204,9 +205,66 @@ class DeepMaskHead(BaseMaskRCNNHead):
         channels_last = x.device.type == "cpu"
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.deconv_norm(self.deconv(self.convnet(x)))
+        x = self.deconv_norm(self._upsample(self.convnet(x)))
         x = self.predictor(F.relu(x))
         return x.contiguous() if channels_last else x
+
+    def _upsample(self, x):
+        """``self.deconv(x)``; in training on the CPU, with the reference's gradients
+        (:class:`_TransposedConv`). With hooks on the deconv (the weight converter pairs
+        layers by them), the module itself runs."""
+        deconv = self.deconv
+        if (
+            x.device.type != "cpu" or not torch.is_grad_enabled() or x.dim() != 4
+            or deconv._forward_hooks or deconv._forward_pre_hooks or _global_hooks()
+            or any(deconv.padding) or any(deconv.output_padding) or deconv.groups != 1
+            or any(d != 1 for d in deconv.dilation)
+        ):
+            return deconv(x)
+        return _TransposedConv.apply(x, deconv.weight, deconv.bias, tuple(deconv.stride))
+
+
+def _global_hooks():
+    """Whether a global forward hook would see every module run."""
+    from torch.nn.modules import module
+
+    return bool(getattr(module, "_global_forward_hooks", None)
+                or getattr(module, "_global_forward_pre_hooks", None))
+
+
+class _TransposedConv(torch.autograd.Function):
+    """``conv_transpose2d(x, weight, bias, stride)`` (no padding), whose backward is the
+    reference's (TF's Conv2DTranspose gradients): the input's gradient is the conv that
+    the deconv transposes, its weight's that conv's weight gradient with the roles of
+    input and output swapped. The same sums as PyTorch's own backward, and on the CPU
+    oneDNN's plain conv kernels instead of its transposed-conv weight gradient: the
+    default head's deconv forward+backward 144 against 199 ms, Hourglass-52's 150
+    against 200 (64 ROIs, 2 threads).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        ctx.has_bias = bias is not None
+        return F.conv_transpose2d(x, weight, bias, stride)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight, None, ctx.stride)
+        if ctx.needs_input_grad[1]:
+            # The conv from the deconv's output (its "input") to ``x`` (its "output").
+            grad_weight = torch.ops.aten.convolution_backward(
+                x, grad, weight, None, ctx.stride, [0, 0], [1, 1], False, [0, 0], 1,
+                [False, True, False],
+            )[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None
 
 
 class SoftBitMasks(BitMasks):

@@ -357,8 +357,12 @@ def _keep_freed_memory():
     except OSError:
         return "no glibc"
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    # mallopt takes a C int: a threshold past it is -1, which glibc reads as SIZE_MAX
+    # (never trim); 2^40 given as is would wrap to 0 (trim on every free).
+    trim = int(settings["MALLOC_TRIM_THRESHOLD_"])
+    trim = trim if trim < 2 ** 31 else -1
     if not (libc.mallopt(m_mmap_max, int(settings["MALLOC_MMAP_MAX_"]))
-            and libc.mallopt(m_trim_threshold, int(settings["MALLOC_TRIM_THRESHOLD_"]))):
+            and libc.mallopt(m_trim_threshold, trim)):
         return "glibc malloc defaults (mallopt refused)"
     return " ".join(f"{k}={v}" for k, v in settings.items())
 

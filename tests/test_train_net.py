@@ -95,6 +95,7 @@ def test_killed_training_resumes_with_iteration_and_lr_schedule(tmp_path, data_e
     log = finish(resumed, tmp_path / "resumed.log")
     assert resumed.returncode == 0, log[-3000:]
     assert f"Starting training from iteration {last_iter + 1}" in log
+    assert "CPU memory: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776" in log
     assert os.path.exists(os.path.join(out, "model_final.pth"))
     lrs = lrs_by_iteration(out)
     assert max(lrs) == 19

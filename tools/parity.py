@@ -22,8 +22,9 @@ of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 
 sides' runs alternate, so load from other processes falls on both; each row gives
 the median and the minimum wall time of ``--speed-repeats`` runs, and the median
 process CPU time, which such load inflates less. Both sides run with OpenMP threads that
-sleep between ops and a glibc malloc that keeps freed memory (``MALLOC_SETTINGS``; set
-``MALLOC_MMAP_MAX_=`` empty for glibc's defaults), as TF's own allocator does.
+sleep between ops and a glibc malloc that keeps freed memory (``MALLOC_SETTINGS``;
+``MALLOC_MMAP_MAX_=65536 MALLOC_TRIM_THRESHOLD_=131072`` for glibc's defaults), as TF's
+own allocator does.
 
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
@@ -32,7 +33,6 @@ sleep between ops and a glibc malloc that keeps freed memory (``MALLOC_SETTINGS`
 """
 import argparse
 import copy
-import ctypes
 import json
 import os
 import subprocess
@@ -45,15 +45,6 @@ from pathlib import Path
 # jobs a spinning thread keeps the core its partner waits for (our 2-thread times rose
 # 3-8x at load 8 on 2 cores). TF's thread pool sleeps; so do ours here, before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# glibc's malloc hands blocks over its mmap threshold (at most 32 MB) back to the kernel
-# on free, so every step page-faults and zeroes its large activations again (Hourglass-52
-# at 64 ROIs: 0.5 M faults and 0.8 s of system time per forward+backward, 64 x 128 x 32 x 32
-# floats being 33.5 MB). TF's oneDNN CPU allocator keeps such blocks in a pool; so does
-# glibc with these settings (the environment variables act at a process's start, for the
-# reference's worker; ours calls mallopt, see _keep_freed_memory).
-MALLOC_SETTINGS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
-for _key, _value in MALLOC_SETTINGS.items():
-    os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -61,6 +52,7 @@ from torch import nn  # noqa: E402
 
 import deepmac_d2  # noqa: E402,F401  (registers; installs the detectron2._C stand-in)
 from detectron2.layers import ShapeSpec  # noqa: E402
+from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory  # noqa: E402
 from deepmac_d2.modeling import spinenet as spinenet_module  # noqa: E402
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
 from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
@@ -71,6 +63,13 @@ from deepmac_d2.modeling.tf_heads import (  # noqa: E402
 from detectron2.modeling.box_regression import Box2BoxTransform  # noqa: E402
 from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN  # noqa: E402
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights  # noqa: E402
+
+# glibc's malloc keeping freed memory on both sides, as TF's own allocator does (why:
+# deepmac_d2/engine/cpu_memory.py): mallopt for ours, where the environment does not set
+# it; the environment, read at a process's start, for the reference's worker.
+MALLOC_IN_FORCE = keep_freed_memory()
+for _key, _value in MALLOC_SETTINGS.items():
+    os.environ.setdefault(_key, _value)
 
 ROOT = Path(__file__).resolve().parent.parent
 TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
@@ -345,38 +344,14 @@ def _time_ours(model, x, mode):
     return seconds
 
 
-def _keep_freed_memory():
-    """This process's glibc malloc set as ``MALLOC_SETTINGS`` (no mmap, no trimming),
-    so freed activations are reused, not faulted in again; a no-op where the settings
-    are unset or there is no glibc. Returns the settings in force, for the table."""
-    settings = {k: os.environ.get(k) for k in MALLOC_SETTINGS}
-    if not all(settings.values()):  # unset or set empty (MALLOC_MMAP_MAX_= ...): defaults
-        return "glibc malloc defaults"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "no glibc"
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    # mallopt takes a C int: a threshold past it is -1, which glibc reads as SIZE_MAX
-    # (never trim); 2^40 given as is would wrap to 0 (trim on every free).
-    trim = int(settings["MALLOC_TRIM_THRESHOLD_"])
-    trim = trim if trim < 2 ** 31 else -1
-    if not (libc.mallopt(m_mmap_max, int(settings["MALLOC_MMAP_MAX_"]))
-            and libc.mallopt(m_trim_threshold, trim)):
-        return "glibc malloc defaults (mallopt refused)"
-    return " ".join(f"{k}={v}" for k, v in settings.items())
-
-
 def speed(cases, repeats, threads):
     """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
     (wall, CPU) seconds per run, and the malloc settings in force."""
     torch.set_num_threads(threads)
-    malloc = _keep_freed_memory()
+    malloc = MALLOC_IN_FORCE
     worker = subprocess.Popen(
         [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        # An empty MALLOC_* variable (glibc would read it as 0) means defaults there too.
-        env={k: v for k, v in os.environ.items() if v or k not in MALLOC_SETTINGS},
     )
 
     def reference(**request):

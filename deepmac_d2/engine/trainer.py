@@ -13,8 +13,10 @@ from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
+from .cpu_memory import keep_freed_memory
 
-logger = logging.getLogger(__name__)
+# Under "detectron2": default_setup gives that logger the terminal and log.txt.
+logger = logging.getLogger("detectron2.deepmac_d2.engine")
 
 
 class Trainer(DefaultTrainer):
@@ -129,6 +131,9 @@ def setup(args, check_datasets=True):
             cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     default_setup(cfg, args)
+    if accelerator == "cpu":
+        # Each step's large activations reused instead of faulted in again (cpu_memory.py).
+        logger.info("CPU memory: %s", keep_freed_memory())
     if check_datasets:
         check_dataset_files(cfg)
     return cfg

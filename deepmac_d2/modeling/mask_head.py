@@ -23,6 +23,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
+from .folded_conv_norm import _has_hooks
 from .hourglass import norm_layer
 
 __all__ = ["DeepMaskHead", "CONVNET_VARIANTS", "SoftBitMasks"]
@@ -216,20 +217,12 @@ class DeepMaskHead(BaseMaskRCNNHead):
         deconv = self.deconv
         if (
             x.device.type != "cpu" or not torch.is_grad_enabled() or x.dim() != 4
-            or deconv._forward_hooks or deconv._forward_pre_hooks or _global_hooks()
+            or _has_hooks(deconv)
             or any(deconv.padding) or any(deconv.output_padding) or deconv.groups != 1
             or any(d != 1 for d in deconv.dilation)
         ):
             return deconv(x)
         return _TransposedConv.apply(x, deconv.weight, deconv.bias, tuple(deconv.stride))
-
-
-def _global_hooks():
-    """Whether a global forward hook would see every module run."""
-    from torch.nn.modules import module
-
-    return bool(getattr(module, "_global_forward_hooks", None)
-                or getattr(module, "_global_forward_pre_hooks", None))
 
 
 class _TransposedConv(torch.autograd.Function):

@@ -22,18 +22,8 @@ from torchvision.ops import stochastic_depth
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .hourglass import (  # noqa: F401  (the inference helpers, used here, moved there)
-    _ONEDNN_CONV,
-    _ONEDNN_CONV_,
-    _ONEDNN_WEIGHT,
-    FoldedConvNorm,
-    _has_hooks,
-    _hook_free,
-    _inference,
-    _memory_format,
-    _onednn,
-    conv_norm_relu,
-)
+from .folded_conv_norm import FoldedConvNorm, _has_hooks, _hook_free, _inference
+from .hourglass import conv_norm_relu
 
 __all__ = ["SpineNet", "build_spinenet_backbone", "SCALING_MAP", "BLOCK_SPECS"]
 
@@ -147,7 +137,7 @@ class ConvNorm(FoldedConvNorm):
     """Conv (no bias, TF's 'SAME' padding) + norm (+ ReLU): the reference's
     conv/BN/activation triple. Inference folds the BatchNorm into the conv and runs it,
     with the ReLU and a block's residual add, as one oneDNN op: see
-    :class:`~deepmac_d2.modeling.hourglass.FoldedConvNorm`.
+    :class:`~deepmac_d2.modeling.folded_conv_norm.FoldedConvNorm`.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True, norm="BN"):

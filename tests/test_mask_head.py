@@ -21,6 +21,7 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_i
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from deepmac_d2.modeling import CONVNET_VARIANTS, DeepMaskHead
+from deepmac_d2.modeling.folded_conv_norm import FoldedConvNorm
 from deepmac_d2.modeling.mask_head import SoftBitMasks, _with_soft_masks
 
 VARIANTS = ["default", "hourglass10", "hourglass20", "hourglass32", "hourglass52", "hourglass100"]
@@ -276,15 +277,16 @@ def config_head(config_file):
 )
 def test_head_batchnorm_settings_per_recipe(config_file, momentum, eps):
     head = config_head(config_file)
+    default_variant = head.convnet.__class__ is FoldedConvNorm
     own = [head.deconv_norm]
-    if head.convnet.__class__ is nn.Sequential:  # default variant: its convs' norms too
+    if default_variant:  # its convs' norms too
         own += [m for m in head.convnet if isinstance(m, nn.BatchNorm2d)]
     assert len(own) == (5 if len(own) > 1 else 1)
     for m in own:
         assert m.momentum == pytest.approx(momentum) and m.eps == pytest.approx(eps)
     # The hourglass keeps its own (Keras 0.1 / 1e-5) whatever the recipe.
     hourglass = [m for m in head.convnet.modules() if isinstance(m, nn.BatchNorm2d)]
-    if head.convnet.__class__ is not nn.Sequential:
+    if not default_variant:
         assert hourglass and all(m.momentum == 0.9 and m.eps == 1e-5 for m in hourglass)
 
 

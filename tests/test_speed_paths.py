@@ -1,5 +1,9 @@
 """The CPU speed paths compute the layers' own function (README, "Speed against the reference").
 
+- Inference of the mask heads folds each BatchNorm into its conv and runs conv, ReLU
+  and the residual add as one oneDNN op (``NormFolding``, as SpineNet's): the hourglass
+  blocks, the default head's convs, the deconv. The same outputs as the layers one by
+  one (autograd on), up to float rounding.
 - SpineNet trains channels-last on the CPU in float32: the same outputs and gradients
   as NCHW (oneDNN disabled, PyTorch's own kernels).
 - DeepMaskHead's deconv backward in training (``_TransposedConv``, the reference's
@@ -10,6 +14,8 @@ import torch
 from torch import nn
 
 from detectron2.layers import ShapeSpec
+from deepmac_d2.modeling import hourglass as hg
+from deepmac_d2.modeling.folded_conv_norm import NormFolding
 from deepmac_d2.modeling.mask_head import DeepMaskHead
 from deepmac_d2.modeling.spinenet import SpineNet
 from deepmac_d2.modeling.spinenet import bottleneck_block
@@ -25,6 +31,89 @@ def randomise_norms(model, seed=0):
                                     (m.weight, (0.5, 1.5)), (m.bias, (-0.5, 0.5))):
                     t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
     return model
+
+
+def mask_head(variant="hourglass20", filters=8, norm="BN"):
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, convnet_variant=variant,
+                        num_filters=filters, norm=norm)
+    return randomise_norms(head).eval()
+
+
+def assert_same_function(fn, x, rtol):
+    """``fn`` for inference (no autograd: the folded path) against the layers one by one
+    (autograd on, eval mode)."""
+    layered = fn(x)
+    with torch.no_grad():
+        fast = fn(x)
+    with torch.inference_mode():
+        fast_inference_mode = fn(x)
+    scale = layered.abs().max()
+    assert (fast - layered).abs().max() <= rtol * scale
+    assert (fast_inference_mode - layered).abs().max() <= rtol * scale
+
+
+@pytest.mark.parametrize("variant, norm", [("hourglass10", "BN"), ("hourglass20", "BN"),
+                                           ("hourglass52", "BN"), ("default", "BN"), ("default", "")])
+def test_head_inference_is_the_layers_function(variant, norm):
+    head = mask_head(variant, norm=norm)
+    for rois, size in [(3, 32), (1, 14), (2, 17)]:  # ROI counts vary; odd sizes cut the decoder
+        x = torch.randn(rois, 16, size, size)
+        assert_same_function(head.layers, x, rtol=1e-5)
+        with torch.backends.mkldnn.flags(enabled=False):  # folded, plain F.conv2d
+            assert_same_function(head.layers, x, rtol=1e-5)
+    head.double()
+    assert_same_function(head.layers, torch.randn(3, 16, 32, 32, dtype=torch.float64), rtol=1e-12)
+
+
+def test_head_inference_folds_every_norm(monkeypatch):
+    # No BatchNorm runs in inference (every one is folded into its conv); in training, all.
+    batch_norm, calls = torch.batch_norm, []
+    monkeypatch.setattr(torch, "batch_norm", lambda *a, **k: calls.append(1) or batch_norm(*a, **k))
+    for variant in ("hourglass20", "default"):
+        head = mask_head(variant)
+        norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        with torch.no_grad():
+            head.layers(torch.randn(2, 16, 16, 16))
+        assert calls == []
+        head.train().layers(torch.randn(2, 16, 16, 16))
+        assert len(calls) == len(norms) > 0
+        calls.clear()
+
+
+def test_folded_weights_kept_across_eval_and_renewed_on_change():
+    head = mask_head()
+    x = torch.randn(2, 16, 16, 16)
+    folding = [m for m in head.modules() if isinstance(m, NormFolding)]
+    assert head in folding  # the deconv's
+    with torch.no_grad():
+        head.eval().layers(x)
+        folded = [dict(m._folded) for m in folding]
+        head.eval().layers(x)  # eval() again: nothing changed, nothing made again
+        assert all(m._folded == f and all(m._folded[k] is f[k] for k in f) for m, f in zip(folding, folded))
+    norm = next(m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    with torch.no_grad():
+        norm.running_mean.add_(1.0)  # in place, as training updates it
+    assert_same_function(head.layers, x, rtol=1e-5)
+    with torch.no_grad():
+        head.deconv_norm.weight.mul_(2.0)
+    assert_same_function(head.layers, x, rtol=1e-5)
+    head.train()
+    assert all(m._folded == {} for m in folding)
+
+
+def test_hooks_see_the_reference_call_order_and_unchanged_outputs():
+    # The weight converter pairs layers with the reference's by forward hooks, in call
+    # order (conv1, conv2, then the projection shortcut); a hook sees the layers run.
+    block = randomise_norms(hg.ResidualBlock(8, 16, stride=2)).eval()
+    order, kept = [], {}
+    for name in ("conv1", "conv2", "skip"):
+        getattr(block, name)[0].register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+    block.skip.register_forward_hook(lambda m, i, out: kept.update(skip=(out, out.clone())))
+    with torch.no_grad():
+        block(torch.randn(2, 8, 8, 8))
+    assert order == ["conv1", "conv2", "skip"]
+    out, copy = kept["skip"]
+    assert torch.equal(out, copy)  # not overwritten by the residual add
 
 
 def _forward_backward(model, x):

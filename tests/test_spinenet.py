@@ -205,7 +205,7 @@ def test_folded_weights_follow_parameter_changes():
         model(x)
     assert seen == [norm]
     model.train()
-    assert all(m._folded is None for m in model.modules() if isinstance(m, sp.ConvNorm))
+    assert all(m._folded == {} for m in model.modules() if isinstance(m, sp.ConvNorm))
 
 
 def test_inference_leaves_hooked_outputs_alone():

@@ -23,7 +23,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
-from .folded_conv_norm import _has_hooks
+from .folded_conv_norm import FoldedConvNorm, NormFolding, _foldable_norm, _has_hooks, _inference
 from .hourglass import norm_layer
 
 __all__ = ["DeepMaskHead", "CONVNET_VARIANTS", "SoftBitMasks"]
@@ -67,7 +67,7 @@ def _default_convnet(in_channels, num_filters, num_convs, norm, bn_eps, bn_momen
             layers.append(norm_module)
         layers.append(nn.ReLU(inplace=True))
         in_channels = num_filters
-    return nn.Sequential(*layers), in_channels
+    return FoldedConvNorm(*layers), in_channels
 
 
 def build_convnet(
@@ -91,7 +91,7 @@ def build_convnet(
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class DeepMaskHead(BaseMaskRCNNHead):
+class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
     """A convnet (Mask R-CNN's 4 convs or an hourglass), then a transposed conv that
     upsamples by ``upsample_factor`` + norm + ReLU, then 1x1 mask logits.
 
@@ -206,8 +206,13 @@ class DeepMaskHead(BaseMaskRCNNHead):
         channels_last = x.device.type == "cpu"
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.deconv_norm(self._upsample(self.convnet(x)))
-        x = self.predictor(F.relu(x))
+        x = self.convnet(x)
+        if _inference(self) and _foldable_norm(self.deconv_norm) and not _has_hooks(self.deconv, self.deconv_norm):
+            # The deconv, its BatchNorm and the ReLU as one conv (see NormFolding).
+            x = self._folded_conv(0, self.deconv, self.deconv_norm, True, x, self.deconv.padding)
+        else:
+            x = F.relu(self.deconv_norm(self._upsample(x)))
+        x = self.predictor(x)
         return x.contiguous() if channels_last else x
 
     def _upsample(self, x):

@@ -144,8 +144,8 @@ class ConvNorm(FoldedConvNorm):
         conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
         super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
 
-    def pad(self, x):
-        return self[0].pad_same(x)
+    def pad(self, x, conv):
+        return conv.pad_same(x)
 
 
 class _Block(nn.Module):

@@ -330,18 +330,39 @@ def print_table(rows):
         print(f"{case:<13} {what:<50} {diff:>10.3g} {scale:>10.3g} {sens:>10}  {'yes' if ok else 'NO'}")
 
 
-def _time_ours(model, x, mode):
+def _time_ours(models, x, mode):
     """Wall and process CPU seconds of one forward (eval, no autograd) or
-    forward+backward (train) call."""
+    forward+backward (train) call. ``models``: the eval model and the train one, two
+    copies, as a model serves or evaluates in eval mode and trains in train mode: a
+    training step changes the moving statistics, and the next inference would fold them
+    into its convs again (:class:`~deepmac_d2.modeling.folded_conv_norm.NormFolding`),
+    a cost once per weight change, which :func:`_fold_cost` measures on its own."""
     start, cpu = time.perf_counter(), time.process_time()
     if mode == "forward":
         with torch.inference_mode():
-            model.eval()(x)
+            models[0](x)
     else:
-        sum(y.sum() for y in model.train()(x).values()).backward()
+        sum(y.sum() for y in models[1](x).values()).backward()
     seconds = time.perf_counter() - start, time.process_time() - cpu
-    model.zero_grad(set_to_none=True)
+    models[1].zero_grad(set_to_none=True)
     return seconds
+
+
+def _fold_cost(model, x, repeats):
+    """Median wall and CPU seconds that an inference call after ``train()`` (the folded
+    weights dropped, made again) takes beyond one with them made, alternating."""
+    costs = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            times = []
+            for refold in (True, False):
+                if refold:
+                    model.train().eval()
+                start, cpu = time.perf_counter(), time.process_time()
+                model(x)
+                times.append(np.array([time.perf_counter() - start, time.process_time() - cpu]))
+            costs.append(times[0] - times[1])
+    return np.median(costs, axis=0)
 
 
 def speed(cases, repeats, threads):
@@ -365,7 +386,8 @@ def speed(cases, repeats, threads):
         for name in cases:
             if reference(build=name, shape=SPEED_INPUTS[name]) != "ok":
                 sys.exit(f"the reference's speed worker failed to build {name}")
-            models[name] = build_ours(name, stochastic_depth=0.0)
+            model = build_ours(name, stochastic_depth=0.0)
+            models[name] = (model.eval(), copy.deepcopy(model).train())
             # Contiguous NCHW, as Detectron2's ROIAlign and image batches give.
             inputs[name] = to_ours(name, rng.standard_normal(SPEED_INPUTS[name]).astype(np.float32)).contiguous()
             for mode in SPEED_MODES:  # warm-up: allocator, oneDNN primitives
@@ -378,16 +400,17 @@ def speed(cases, repeats, threads):
                     for side in ((0, 1) if round_ % 2 == 0 else (1, 0)):
                         runs[side].append(_time_ours(models[name], inputs[name], mode) if side == 0
                                           else tuple(map(float, reference(time=name, mode=mode).split())))
+        folds = {name: _fold_cost(models[name][0], inputs[name], repeats) for name in cases}
     finally:
         worker.stdin.close()
         worker.wait()
     return [(name, "x".join(map(str, SPEED_INPUTS[name])), mode, *times[name, mode])
-            for name in cases for mode in SPEED_MODES], malloc
+            for name in cases for mode in SPEED_MODES], malloc, folds
 
 
 def print_speed_table(cases, repeats, threads):
     load_before = os.getloadavg()[0]
-    rows, malloc = speed(cases, repeats, threads)
+    rows, malloc, folds = speed(cases, repeats, threads)
     load = load_before, os.getloadavg()[0]
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
           f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {malloc}), ms per call, "
@@ -404,6 +427,9 @@ def print_speed_table(cases, repeats, threads):
         print(f"{name:<13} {shape:<18} {mode:<17} {np.median(ours_wall):>7.0f} /{ours_wall.min():>6.0f} "
               f"{np.median(ref_wall):>7.0f} /{ref_wall.min():>6.0f} {np.median(ours_cpu):>8.0f} "
               f"{np.median(ref_cpu):>8.0f}   " + ", ".join(f"{r:.2f}" for r in ratios))
+    print("Ours, once per weight change (not in the rows above: the forward rows' model keeps its "
+          "weights): the first inference folds the BatchNorms into the convs again, median extra "
+          "wall / CPU ms: " + "; ".join(f"{name} {1e3 * w:.0f} / {1e3 * c:.0f}" for name, (w, c) in folds.items()))
 
 
 def main():

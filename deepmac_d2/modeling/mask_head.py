@@ -224,12 +224,21 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
         deconv = self.deconv
         if (
             x.device.type != "cpu" or not torch.is_grad_enabled() or x.dim() != 4
-            or _has_hooks(deconv)
+            or _autocast_on_cpu() or _has_hooks(deconv)
             or any(deconv.padding) or any(deconv.output_padding) or deconv.groups != 1
             or any(d != 1 for d in deconv.dilation)
         ):
             return deconv(x)
         return _TransposedConv.apply(x, deconv.weight, deconv.bias, tuple(deconv.stride))
+
+
+def _autocast_on_cpu():
+    """Whether CPU autocast (bfloat16 mixed precision) is on: :class:`_TransposedConv`'s
+    backward calls ops that autocast does not cast, so the module itself runs then."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch before 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 class _TransposedConv(torch.autograd.Function):

@@ -367,9 +367,8 @@ def _fold_cost(model, x, repeats):
 
 def speed(cases, repeats, threads):
     """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
-    (wall, CPU) seconds per run, and the malloc settings in force."""
+    (wall, CPU) seconds per run, and per case the extra cost of folding (:func:`_fold_cost`)."""
     torch.set_num_threads(threads)
-    malloc = MALLOC_IN_FORCE
     worker = subprocess.Popen(
         [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -405,15 +404,15 @@ def speed(cases, repeats, threads):
         worker.stdin.close()
         worker.wait()
     return [(name, "x".join(map(str, SPEED_INPUTS[name])), mode, *times[name, mode])
-            for name in cases for mode in SPEED_MODES], malloc, folds
+            for name in cases for mode in SPEED_MODES], folds
 
 
 def print_speed_table(cases, repeats, threads):
     load_before = os.getloadavg()[0]
-    rows, malloc, folds = speed(cases, repeats, threads)
+    rows, folds = speed(cases, repeats, threads)
     load = load_before, os.getloadavg()[0]
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
-          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {malloc}), ms per call, "
+          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {MALLOC_IN_FORCE}), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
           "threads), which other jobs' load inflates less than the wall time.")

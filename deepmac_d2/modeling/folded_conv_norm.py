@@ -151,18 +151,18 @@ class NormFolding:
         transposed = isinstance(conv, nn.ConvTranspose2d)
         if onednn:
             x = x.contiguous(memory_format=_memory_format(x))
-            args = (weight, bias, padding, conv.stride, conv.dilation, conv.groups)
+            post = "relu" if relu and residual is None else "none"  # with a residual: below
             if transposed:
-                args = (weight, bias, padding, conv.output_padding) + args[3:]
-                y = _ONEDNN_DECONV(x, *args, "relu" if relu and residual is None else "none", [], "")
-            elif residual is None:
-                return _ONEDNN_CONV(x, *args, "relu" if relu else "none", [], "")
-            elif inplace and residual.is_contiguous(memory_format=_memory_format(x)):
+                y = _ONEDNN_DECONV(x, weight, bias, padding, conv.output_padding, conv.stride,
+                                   conv.dilation, conv.groups, post, [], "")
+            elif residual is not None and inplace and residual.is_contiguous(memory_format=_memory_format(x)):
                 # Into the residual: no new tensor. (Into a new one, oneDNN's add is slower
                 # than the separate add and ReLU below.)
-                return _ONEDNN_CONV_.binary(residual, x, *args, "add", 1.0, "relu", [], None)
+                return _ONEDNN_CONV_.binary(residual, x, weight, bias, padding, conv.stride,
+                                            conv.dilation, conv.groups, "add", 1.0, "relu", [], None)
             else:
-                y = _ONEDNN_CONV(x, *args, "none", [], "")
+                y = _ONEDNN_CONV(x, weight, bias, padding, conv.stride, conv.dilation, conv.groups,
+                                 post, [], "")
             if residual is None:
                 return y
         elif transposed:

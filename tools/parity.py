@@ -365,12 +365,13 @@ def _fold_cost(model, x, repeats):
     return np.median(costs, axis=0)
 
 
-def speed(cases, repeats, threads):
+def speed(cases, repeats, threads, ref_inter_op):
     """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
     (wall, CPU) seconds per run, and per case the extra cost of folding (:func:`_fold_cost`)."""
     torch.set_num_threads(threads)
     worker = subprocess.Popen(
-        [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads)],
+        [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads),
+         "--inter-op", str(ref_inter_op)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
 
@@ -407,12 +408,15 @@ def speed(cases, repeats, threads):
             for name in cases for mode in SPEED_MODES], folds
 
 
-def print_speed_table(cases, repeats, threads):
+def print_speed_table(cases, repeats, threads, ref_inter_op=None):
+    ref_inter_op = ref_inter_op or threads
     load_before = os.getloadavg()[0]
-    rows, folds = speed(cases, repeats, threads)
+    rows, folds = speed(cases, repeats, threads, ref_inter_op)
     load = load_before, os.getloadavg()[0]
-    print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; TF intra- "
-          f"and inter-op; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {MALLOC_IN_FORCE}), ms per call, "
+    tf_threads = ("TF intra- and inter-op" if ref_inter_op == threads
+                  else f"TF intra-op; TF inter-op {ref_inter_op}")
+    print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; {tf_threads}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {MALLOC_IN_FORCE}), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
           "threads), which other jobs' load inflates less than the wall time.")
@@ -438,6 +442,8 @@ def main():
     ap.add_argument("--speed-only", action="store_true", help="only the speed table")
     ap.add_argument("--speed-repeats", type=int, default=5, help="timed runs per row (0: no speed table)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each side in the speed table")
+    ap.add_argument("--ref-inter-op", type=int, help="the reference's inter-op threads, how many of its "
+                    "ops may run at once (default: --threads; 1: one at a time, as PyTorch runs ours)")
     args = ap.parse_args()
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
@@ -448,7 +454,7 @@ def main():
     if (speed_cases or args.ref_dir is None) and not TF_PYTHON.exists():
         sys.exit(f"{TF_PYTHON} is missing: run `make setup-tf` (or tools/setup_env.py --tf) first")
     if args.speed_only:
-        return print_speed_table(speed_cases, args.speed_repeats, args.threads)
+        return print_speed_table(speed_cases, args.speed_repeats, args.threads, args.ref_inter_op)
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         ref_dir = args.ref_dir
         if ref_dir is None:
@@ -465,7 +471,7 @@ def main():
     bad = [r for r in rows if not r[-1]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} checks pass" + (f"; {len(bad)} FAIL" if bad else ""))
     if speed_cases:
-        print_speed_table(speed_cases, args.speed_repeats, args.threads)
+        print_speed_table(speed_cases, args.speed_repeats, args.threads, args.ref_inter_op)
     sys.exit(1 if bad else 0)
 
 

@@ -257,12 +257,13 @@ def main():
     ap.add_argument("--out", help="where the .npz files go (the parity check)")
     ap.add_argument("--speed-worker", action="store_true", help="time the reference (see above)")
     ap.add_argument("--threads", type=int, default=2, help="intra- and inter-op threads (--speed-worker)")
+    ap.add_argument("--inter-op", type=int, help="inter-op threads, if not --threads (--speed-worker)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.speed_worker:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op or args.threads)
         return speed_worker()
     if not args.out:
         ap.error("--out is required (or --speed-worker)")

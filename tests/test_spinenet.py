@@ -17,9 +17,9 @@ from torch import nn
 
 import deepmac_d2
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from deepmac_d2.modeling import spinenet as sp
+from deepmac_d2.modeling import tf_layers
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from mask_rcnn_step import train_one_step_and_infer
 
@@ -104,7 +104,7 @@ def test_bad_config_names_the_key(overrides, key):
 def test_same_padding_puts_the_extra_pixel_after():
     # TF 'SAME', stride 2 on an even size: a 3x3 window at output (0, 0) covers input
     # rows/cols 0..2 (no padding before); PyTorch's padding=1 would cover -1..1.
-    conv = sp.Conv2dSame(1, 1, 3, stride=2)
+    conv = tf_layers.Conv2dSame(1, 1, 3, stride=2)
     nn.init.ones_(conv.weight)
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     with torch.no_grad():
@@ -112,15 +112,15 @@ def test_same_padding_puts_the_extra_pixel_after():
     assert y.tolist() == [[x[0, 0, 0:3, 0:3].sum().item(), x[0, 0, 0:3, 2:4].sum().item()],
                           [x[0, 0, 2:4, 0:3].sum().item(), x[0, 0, 2:4, 2:4].sum().item()]]
     # The stem's 7x7 stride 2: 2 before, 3 after on even sizes.
-    assert sp._same_padding(128, 7, 2) == (2, 3)
+    assert tf_layers.same_padding(128, 7, 2) == (2, 3)
     # Max pool: padding never wins (all-negative input).
-    assert sp._max_pool_same(-torch.ones(1, 1, 4, 4)).tolist() == [[[[-1.0, -1.0], [-1.0, -1.0]]]]
+    assert tf_layers.max_pool_same(-torch.ones(1, 1, 4, 4)).tolist() == [[[[-1.0, -1.0], [-1.0, -1.0]]]]
     # ... and its ceil_mode windows are those of an explicit -inf 'SAME' padding, odd sizes too.
     for h, w in [(1, 2), (3, 4), (5, 6), (8, 7), (10, 9)]:
         x = torch.randn(2, 3, h, w)
-        (top, bottom), (left, right) = sp._same_padding(h, 3, 2), sp._same_padding(w, 3, 2)
+        (top, bottom), (left, right) = tf_layers.same_padding(h, 3, 2), tf_layers.same_padding(w, 3, 2)
         padded = F.pad(x, (left, right, top, bottom), value=-math.inf)
-        assert torch.equal(sp._max_pool_same(x), F.max_pool2d(padded, 3, 2))
+        assert torch.equal(tf_layers.max_pool_same(x), F.max_pool2d(padded, 3, 2))
 
 
 def test_stochastic_depth_rates_as_reference():
@@ -205,7 +205,7 @@ def test_folded_weights_follow_parameter_changes():
         model(x)
     assert seen == [norm]
     model.train()
-    assert all(m._folded == {} for m in model.modules() if isinstance(m, sp.ConvNorm))
+    assert all(m._folded == {} for m in model.modules() if isinstance(m, tf_layers.ConvNorm))
 
 
 def test_inference_leaves_hooked_outputs_alone():

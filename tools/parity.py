@@ -53,7 +53,7 @@ from torch import nn  # noqa: E402
 import deepmac_d2  # noqa: E402,F401  (registers; installs the detectron2._C stand-in)
 from detectron2.layers import ShapeSpec  # noqa: E402
 from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory  # noqa: E402
-from deepmac_d2.modeling import spinenet as spinenet_module  # noqa: E402
+from deepmac_d2.modeling import tf_layers  # noqa: E402
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
 from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
 from deepmac_d2.modeling.spinenet import SpineNet  # noqa: E402
@@ -207,7 +207,7 @@ def _moving_statistics(model, x):
 
 def _train_step(model, x):
     for m in model.modules():  # the reference's train-mode model has no drop (it is random)
-        if isinstance(m, spinenet_module._Block):
+        if isinstance(m, tf_layers.ResidualUnit):
             m.drop_rate = 0.0
     with torch.no_grad():
         outputs = model.train()(x)
@@ -279,16 +279,16 @@ def self_check(ref_dir):
         if not path.exists():
             rows.append(("self-check", f"skipped: {name} not among the cases", 0.0, 0.0, float("nan"), True))
             continue
-        same = spinenet_module._same_padding
+        same = tf_layers.same_padding
         # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after
         # (the ResNet-FPN's strided convs and max pool are spinenet.py's, so this reaches them).
-        spinenet_module._same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
+        tf_layers.same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
         try:
             caught = not all(r[-1] for r in check_case(name, np.load(path)) if r[1].startswith(("eval", "train")))
         except (ConversionError, RuntimeError):  # RuntimeError: maps of other sizes that do not add
             caught = True
         finally:
-            spinenet_module._same_padding = same
+            tf_layers.same_padding = same
         rows.append(("self-check", f"wrong port ({name}, symmetric padding) fails", 0.0, 0.0, float("nan"),
                      caught))
     name = "spinenet49"

@@ -17,13 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import stochastic_depth
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .folded_conv_norm import FoldedConvNorm, _has_hooks, _hook_free, _inference
-from .hourglass import conv_norm_relu
+from .folded_conv_norm import _has_hooks, _hook_free, _inference
+from .tf_layers import BN_EPS, BN_MOMENTUM, ConvNorm, ResidualUnit, check_input_size, max_pool_same
 
 __all__ = ["SpineNet", "build_spinenet_backbone", "SCALING_MAP", "BLOCK_SPECS"]
 
@@ -62,63 +61,6 @@ BLOCK_SPECS = [
     (2, "bottleneck", (2, 13), True),
 ]
 
-# The reference's BatchNorm: Keras momentum 0.99 (PyTorch 0.01), eps 1e-3.
-BN_MOMENTUM = 0.01
-BN_EPS = 1e-3
-
-
-def check_input_size(x, divisor, backbone, why):
-    """A backbone whose levels must halve exactly: N x C x H x W with H and W multiples
-    of ``divisor``, else an error naming ``backbone``, the sizes that work and ``why``."""
-    if x.dim() != 4 or x.shape[-2] % divisor or x.shape[-1] % divisor:
-        raise ValueError(
-            f"{backbone} takes N x C x H x W inputs with H and W multiples of {divisor} ({why}); "
-            f"got {tuple(x.shape)}. Detectron2's models pad to backbone.size_divisibility "
-            "themselves; pad direct inputs likewise."
-        )
-
-
-def _same_padding(size, kernel, stride):
-    """TF's 'SAME' padding (before, after) along one axis: with stride 2 on an even
-    size the extra pixel goes after, where PyTorch's symmetric padding would put one
-    before and shift every output by half a pixel."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-class Conv2dSame(nn.Conv2d):
-    """A bias-free conv with TF's 'SAME' padding (symmetric for stride 1, odd kernels)."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1):
-        super().__init__(in_channels, out_channels, kernel_size, stride, bias=False)
-
-    def forward(self, x):
-        x, padding = self.pad_same(x)
-        return F.conv2d(x, self.weight, self.bias, self.stride, padding)
-
-    def pad_same(self, x):
-        """``x`` padded where TF's 'SAME' padding is asymmetric, and the (symmetric)
-        padding left to the conv, which pads itself without F.pad's copy."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        top, bottom = _same_padding(x.shape[-2], kh, sh)
-        left, right = _same_padding(x.shape[-1], kw, sw)
-        if top == bottom and left == right:
-            return x, (top, left)
-        return F.pad(x, (left, right, top, bottom)), (0, 0)
-
-
-def _max_pool_same(x):
-    """3x3 stride-2 max pool with TF's 'SAME' padding (padding never wins the max).
-
-    TF pads (before, after) = (0, 1) on even sizes, (1, 1) on odd ones: PyTorch's own
-    padding by ``before`` on both sides, with ``ceil_mode``, gives the same windows (one
-    reaching past the end keeps the values inside), without a padded copy of ``x``.
-    """
-    top, _ = _same_padding(x.shape[-2], 3, 2)
-    left, _ = _same_padding(x.shape[-1], 3, 2)
-    return F.max_pool2d(x, 3, 2, padding=(top, left), ceil_mode=True)
-
-
 def _channels_last(x):
     """Whether SpineNet runs ``x`` channels-last (NHWC): float32 on the CPU with oneDNN.
 
@@ -133,49 +75,6 @@ def _channels_last(x):
     )
 
 
-class ConvNorm(FoldedConvNorm):
-    """Conv (no bias, TF's 'SAME' padding) + norm (+ ReLU): the reference's
-    conv/BN/activation triple. Inference folds the BatchNorm into the conv and runs it,
-    with the ReLU and a block's residual add, as one oneDNN op: see
-    :class:`~deepmac_d2.modeling.folded_conv_norm.FoldedConvNorm`.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True, norm="BN"):
-        conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
-        super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
-
-    def pad(self, x, conv):
-        return conv.pad_same(x)
-
-
-class _Block(nn.Module):
-    """Shared body of the two residual blocks: a projection shortcut where the input
-    width differs, stochastic depth on the residual branch, add, ReLU."""
-
-    def __init__(self, shortcut, branch, drop_rate):
-        super().__init__()
-        # Registered first: the reference creates (and calls) the projection first,
-        # which the weight converter's order relies on.
-        self.shortcut = shortcut
-        self.branch = branch
-        self.drop_rate = drop_rate
-
-    def forward(self, x, reuse=False, owned=False):
-        """``reuse`` (inference only, nothing hooked: :func:`_hook_free`): the output may
-        overwrite the projection shortcut's, or ``x`` if ``owned`` (a temporary the caller
-        no longer needs)."""
-        shortcut = self.shortcut(x) if self.shortcut is not None else x
-        if _inference(self) and not _has_hooks(self.branch):
-            # No drop in eval; the branch's last conv adds the shortcut and applies the ReLU.
-            *layers, last = self.branch
-            for layer in layers:
-                x = layer(x)
-            return last(x, residual=shortcut, inplace=reuse and (owned or self.shortcut is not None))
-        # Per-sample drop of the residual branch, scaled by 1 / keep-rate; identity in eval.
-        y = stochastic_depth(self.branch(x), self.drop_rate, "row", self.training)
-        return F.relu_(y + shortcut)
-
-
 def bottleneck_block(in_channels, filters, projection, drop_rate, norm):
     """1x1, 3x3, 1x1 (x4) convs; the reference's ``nn_blocks.BottleneckBlock``."""
     shortcut = ConvNorm(in_channels, 4 * filters, 1, relu=False, norm=norm) if projection else None
@@ -184,7 +83,7 @@ def bottleneck_block(in_channels, filters, projection, drop_rate, norm):
         ConvNorm(filters, filters, 3, norm=norm),
         ConvNorm(filters, 4 * filters, 1, relu=False, norm=norm),
     )
-    return _Block(shortcut, branch, drop_rate)
+    return ResidualUnit(shortcut, branch, drop_rate)
 
 
 def residual_block(in_channels, filters, projection, drop_rate, norm):
@@ -194,14 +93,14 @@ def residual_block(in_channels, filters, projection, drop_rate, norm):
         ConvNorm(in_channels, filters, 3, norm=norm),
         ConvNorm(filters, filters, 3, relu=False, norm=norm),
     )
-    return _Block(shortcut, branch, drop_rate)
+    return ResidualUnit(shortcut, branch, drop_rate)
 
 
 _BLOCK_FNS = {"bottleneck": (bottleneck_block, 4), "residual": (residual_block, 1)}
 
 
 def _run_group(group, x, reuse, owned):
-    """A block group on ``x``; with ``reuse`` (see :meth:`_Block.forward`) each block may
+    """A block group on ``x``; with ``reuse`` (see :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`) each block may
     overwrite its input where that is a temporary: the previous block's output, or ``x``
     if ``owned``."""
     if not _inference(group) or _has_hooks(group):
@@ -244,7 +143,7 @@ class Resample(nn.Module):
         if self.down is not None:
             x = self.down(x)
             for _ in range(self.num_pools):
-                x = _max_pool_same(x)
+                x = max_pool_same(x)
         elif self.up > 1:
             x = F.interpolate(x, scale_factor=self.up, mode="nearest")
         return self.expand(x, residual=residual, inplace=inplace)
@@ -264,7 +163,7 @@ class ScalePermutedBlock(nn.Module):
         self.extra_parents = extra_parents
 
     def forward(self, features, reuse=False):
-        """``reuse``: see :meth:`_Block.forward`."""
+        """``reuse``: see :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`."""
         x = self.resample0(features[self.parents[0]])
         if _inference(self) and not self.extra_parents and not _has_hooks(self.resample1):
             # The second resampling's last conv adds the first and applies the ReLU.
@@ -404,8 +303,8 @@ class SpineNet(Backbone):
         inference = _inference(self)
         if _channels_last(x):  # oneDNN's fastest layout, converted once
             x = x.contiguous(memory_format=torch.channels_last)
-        reuse = inference and _hook_free(self)  # see _Block.forward
-        x = _max_pool_same(self.stem(x))
+        reuse = inference and _hook_free(self)  # see ResidualUnit.forward
+        x = max_pool_same(self.stem(x))
         features = []
         for group in self.stem_groups:
             x = _run_group(group, x, reuse, owned=not features)  # the max pool's output is a temporary

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from .hourglass import norm_layer
-from .spinenet import Conv2dSame, ConvNorm, _Block, _max_pool_same, check_input_size
+from .tf_layers import Conv2dSame, ConvNorm, ResidualUnit, check_input_size, max_pool_same
 
 __all__ = ["TFResNet", "TFFPN", "TFResNetFPN", "build_tf_resnet_fpn_backbone", "RESNET_BLOCKS"]
 
@@ -54,7 +54,7 @@ def bottleneck(in_channels, filters, stride, projection, norm):
         ConvNorm(filters, filters, 3, stride, norm=norm),
         ConvNorm(filters, 4 * filters, 1, relu=False, norm=norm),
     )
-    return _Block(shortcut, branch, 0.0)
+    return ResidualUnit(shortcut, branch, 0.0)
 
 
 def _set_norms_and_init(module, bn_momentum, bn_eps):
@@ -111,7 +111,7 @@ class TFResNet(Backbone):
             FrozenBatchNorm2d.convert_frozen_batchnorm(module)
 
     def forward(self, x):
-        x = _max_pool_same(self.stem(x))
+        x = max_pool_same(self.stem(x))
         outputs = {}
         for name, group in zip(self._out_features, self.groups):
             x = outputs[name] = group(x)

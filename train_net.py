@@ -7,9 +7,10 @@
 """
 import os
 
-# OpenMP threads that spin while waiting made CPU training steps 3x slower when the
-# cores are shared (see tools/demo.py); read when torch loads, so set before it.
+# OpenMP threads that wait for work spin briefly, then sleep (see tools/demo.py); read
+# when torch loads, so set before it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402

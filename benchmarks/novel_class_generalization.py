@@ -32,8 +32,9 @@ keys (head, mask-training boxes, allowed classes, seed, iterations, output) come
 """
 import os
 
-# Sleeping OpenMP waiters: see tools/demo.py. Inherited by the runs' processes.
+# OpenMP waiters spin briefly, then sleep: see tools/demo.py. Inherited by the runs' processes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

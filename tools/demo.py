@@ -22,11 +22,14 @@ Trailing KEY VALUE pairs override the config, as in train_net.py.
 """
 import os
 
-# With more OpenMP threads than free cores (the data pipeline, other jobs), libgomp's
-# default spin-waiting made a training step 3x slower on the 2-core machine this demo
-# is sized for; sleeping waiters cost nothing when the cores are free. Read when torch
-# loads OpenMP, so it is set before the first import of torch.
+# OpenMP threads that wait for work spin for about 10 us (1000 spins), then sleep. With
+# more threads than free cores (the data pipeline, other jobs), libgomp's default 3 ms
+# spin made a training step 3x slower on the 2-core machine this demo is sized for;
+# sleeping at once costs about 100 us per op where idle cores must be woken (a virtual
+# machine's), which the short spin saves (README, "Speed against the reference"). Read
+# when torch loads OpenMP, so set before the first import of torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402

@@ -41,10 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# PyTorch's OpenMP threads spin between ops by default; on a machine shared with other
-# jobs a spinning thread keeps the core its partner waits for (our 2-thread times rose
-# 3-8x at load 8 on 2 cores). TF's thread pool sleeps; so do ours here, before torch loads.
+# Our OpenMP threads wait as train_net.py's do (see tools/demo.py): a 10 us spin, then
+# sleep. libgomp's default 3 ms spin keeps the core a partner waits for on a machine
+# shared with other jobs (our 2-thread times rose 3-8x at load 8 on 2 cores). Set before
+# torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -53,6 +55,7 @@ from torch import nn  # noqa: E402
 import deepmac_d2  # noqa: E402,F401  (registers; installs the detectron2._C stand-in)
 from detectron2.layers import ShapeSpec  # noqa: E402
 from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory  # noqa: E402
+from deepmac_d2.engine.cpu_threads import openmp_waiting  # noqa: E402
 from deepmac_d2.modeling import tf_layers  # noqa: E402
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
 from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
@@ -416,7 +419,7 @@ def print_speed_table(cases, repeats, threads, ref_inter_op=None):
     tf_threads = ("TF intra- and inter-op" if ref_inter_op == threads
                   else f"TF intra-op; TF inter-op {ref_inter_op}")
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; {tf_threads}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {MALLOC_IN_FORCE}), ms per call, "
+          f"{openmp_waiting()}; {MALLOC_IN_FORCE}), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
           "threads), which other jobs' load inflates less than the wall time.")

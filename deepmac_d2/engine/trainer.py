@@ -4,6 +4,7 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
@@ -14,6 +15,7 @@ from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
 from .cpu_memory import keep_freed_memory
+from .cpu_threads import openmp_waiting
 
 # Under "detectron2": default_setup gives that logger the terminal and log.txt.
 logger = logging.getLogger("detectron2.deepmac_d2.engine")
@@ -134,6 +136,7 @@ def setup(args, check_datasets=True):
     if accelerator == "cpu":
         # Each step's large activations reused instead of faulted in again (cpu_memory.py).
         logger.info("CPU memory: %s", keep_freed_memory())
+        logger.info("CPU threads: %d, waiting as %s", torch.get_num_threads(), openmp_waiting())
     if check_datasets:
         check_dataset_files(cfg)
     return cfg

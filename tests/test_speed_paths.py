@@ -6,8 +6,8 @@
   one (autograd on), up to float rounding.
 - SpineNet trains channels-last on the CPU in float32: the same outputs and gradients
   as NCHW (oneDNN disabled, PyTorch's own kernels).
-- DeepMaskHead's deconv backward in training (``_TransposedConv``, the reference's
-  gradients) gives nn.ConvTranspose2d's gradients.
+- DeepMaskHead's deconv backward in training (``_TransposedConv``, one 1x1 conv's over
+  the gradient's tiles) gives nn.ConvTranspose2d's gradients.
 """
 import pytest
 import torch
@@ -160,21 +160,27 @@ def test_spinenet_block_trains_channels_last_as_nchw():
     assert_close(fast, plain, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_head_deconv_gradients_are_pytorchs(dtype):
-    # Training on the CPU runs the deconv through _TransposedConv (TF's gradients):
-    # the same outputs and gradients as nn.ConvTranspose2d's own backward.
+@pytest.mark.parametrize("dtype,factor,input_grad", [
+    (torch.float32, 2, True), (torch.float64, 2, True), (torch.float64, 3, True), (torch.float32, 2, False),
+])
+def test_head_deconv_gradients_are_pytorchs(dtype, factor, input_grad):
+    # Training on the CPU runs the deconv through _TransposedConv (its backward one 1x1
+    # conv's over the gradient's tiles): the same outputs and gradients as
+    # nn.ConvTranspose2d's own backward, for any upsampling factor, with or without the
+    # input's gradient (the head's first layer).
     torch.manual_seed(0)
-    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, num_filters=8, norm="").to(dtype).train()
-    x = torch.randn(3, 16, 9, 9, dtype=dtype, requires_grad=True)
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, num_filters=8, norm="",
+                        upsample_factor=factor).to(dtype).train()
+    x = torch.randn(3, 16, 9, 9, dtype=dtype, requires_grad=input_grad)
     ours = head.layers(x)
-    assert ours.grad_fn is not None
+    assert ours.grad_fn is not None and ours.shape[-1] == 9 * factor
     with torch.nn.modules.module.register_module_forward_hook(lambda *args: None):
         reference = head.layers(x)  # a global hook: the module itself runs
     weight = torch.linspace(-1, 1, ours.numel(), dtype=dtype).view_as(ours)
-    inputs = [x] + list(head.parameters())
+    inputs = ([x] if input_grad else []) + list(head.parameters())
     for a, b in zip(torch.autograd.grad((ours * weight).sum(), inputs),
                     torch.autograd.grad((reference * weight).sum(), inputs)):
+        assert a.shape == b.shape
         assert (a - b).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12) * b.abs().max()
     assert torch.equal(ours, reference)
 

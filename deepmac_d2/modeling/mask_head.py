@@ -218,13 +218,14 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
         return x.contiguous() if channels_last else x
 
     def _upsample(self, x):
-        """``self.deconv(x)``; in training on the CPU, with the reference's gradients
+        """``self.deconv(x)``; in training on the CPU, with a faster backward
         (:class:`_TransposedConv`). With hooks on the deconv (the weight converter pairs
         layers by them), the module itself runs."""
         deconv = self.deconv
         if (
             x.device.type != "cpu" or not torch.is_grad_enabled() or x.dim() != 4
             or _autocast_on_cpu() or _has_hooks(deconv)
+            or tuple(deconv.kernel_size) != tuple(deconv.stride)
             or any(deconv.padding) or any(deconv.output_padding) or deconv.groups != 1
             or any(d != 1 for d in deconv.dilation)
         ):
@@ -242,19 +243,20 @@ def _autocast_on_cpu():
 
 
 class _TransposedConv(torch.autograd.Function):
-    """``conv_transpose2d(x, weight, bias, stride)`` (no padding), whose backward is the
-    reference's (TF's Conv2DTranspose gradients): the input's gradient is the conv that
-    the deconv transposes, its weight's that conv's weight gradient with the roles of
-    input and output swapped. The same sums as PyTorch's own backward, and on the CPU
-    oneDNN's plain conv kernels instead of its transposed-conv weight gradient: the
-    default head's deconv forward+backward 144 against 199 ms, Hourglass-52's 150
-    against 200 (64 ROIs, 2 threads).
+    """``conv_transpose2d(x, weight, bias, stride)`` with the kernel as large as the stride
+    (the heads' 2 x 2, stride 2) and no padding, whose backward is one 1x1 conv's.
+
+    Such a deconv paints non-overlapping tiles: output pixel (kh y + a, kw x + b) is input
+    pixel (y, x) times tap (a, b), so it is the 1x1 conv from ``x`` to the tiles laid out
+    as channels. The output gradient rearranged so (one copy), oneDNN's 1x1 kernels give
+    the input, weight and bias gradients, where PyTorch's own backward runs its slower
+    transposed-conv weight gradient and a separate bias sum: the same sums, the default
+    head's training step 1.7 to 3.1% faster (same process, alternating, 2 threads).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride):
         ctx.save_for_backward(x, weight)
-        ctx.stride = stride
         ctx.has_bias = bias is not None
         return F.conv_transpose2d(x, weight, bias, stride)
 
@@ -262,17 +264,29 @@ class _TransposedConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        n, c_out, height, width = grad.shape
+        c_in, _, kh, kw = weight.shape
+        h, w = height // kh, width // kw
+        # Channel (a, b, o) of tile (y, x) is grad[o, kh y + a, kw x + b]; channels-last.
+        tiles = torch.empty(n, h, w, kh, kw, c_out, dtype=grad.dtype, device=grad.device)
+        tiles.copy_(grad.permute(0, 2, 3, 1).view(n, h, kh, w, kw, c_out).permute(0, 1, 3, 2, 4, 5))
+        tiles = tiles.view(n, h, w, kh * kw * c_out).permute(0, 3, 1, 2)
+        # The 1x1 conv x -> tiles: weight [(a, b, o), i], bias[o] for every tap (a, b).
+        tiled_weight = weight.permute(2, 3, 1, 0).reshape(kh * kw * c_out, c_in, 1, 1)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight, None, ctx.stride)
-        if ctx.needs_input_grad[1]:
-            # The conv from the deconv's output (its "input") to ``x`` (its "output").
-            grad_weight = torch.ops.aten.convolution_backward(
-                x, grad, weight, None, ctx.stride, [0, 0], [1, 1], False, [0, 0], 1,
-                [False, True, False],
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3))
+        if needs_x:
+            grad_x = F.conv2d(tiles, tiled_weight.transpose(0, 1))
+        if needs_weight or needs_bias:
+            _, weight_tiles, bias_tiles = torch.ops.aten.convolution_backward(
+                tiles, x, tiled_weight, [kh * kw * c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [False, needs_weight, needs_bias],
+            )
+            if needs_weight:
+                grad_weight = weight_tiles.view(kh, kw, c_out, c_in).permute(3, 2, 0, 1).contiguous()
+            if needs_bias:
+                grad_bias = bias_tiles.view(kh * kw, c_out).sum(0)
         return grad_x, grad_weight, grad_bias, None
 
 

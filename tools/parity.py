@@ -284,7 +284,8 @@ def self_check(ref_dir):
             continue
         same = tf_layers.same_padding
         # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after
-        # (SpineNet's and the ResNet-FPN's strided convs and max pools are tf_layers.py's, so this reaches both).
+        # (SpineNet's and the ResNet-FPN's strided convs and max pools are tf_layers.py's,
+        # so this reaches both).
         tf_layers.same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
         try:
             caught = not all(r[-1] for r in check_case(name, np.load(path)) if r[1].startswith(("eval", "train")))

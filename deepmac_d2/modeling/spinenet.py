@@ -100,9 +100,10 @@ _BLOCK_FNS = {"bottleneck": (bottleneck_block, 4), "residual": (residual_block, 
 
 
 def _run_group(group, x, reuse, owned):
-    """A block group on ``x``; with ``reuse`` (see :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`) each block may
-    overwrite its input where that is a temporary: the previous block's output, or ``x``
-    if ``owned``."""
+    """A block group on ``x``; with ``reuse`` (see
+    :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`) each block may overwrite
+    its input where that is a temporary: the previous block's output, or ``x`` if
+    ``owned``."""
     if not _inference(group) or _has_hooks(group):
         return group(x)
     for block in group:

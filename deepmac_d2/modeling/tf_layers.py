@@ -92,8 +92,9 @@ class ConvNorm(FoldedConvNorm):
 
 
 class ResidualUnit(nn.Module):
-    """Shared body of the two residual blocks: a projection shortcut where the input
-    width differs, stochastic depth on the residual branch, add, ReLU."""
+    """Shared body of the reference's residual blocks (SpineNet's bottleneck and residual
+    blocks, the ResNet's bottleneck): a projection shortcut where the input width
+    differs, stochastic depth on the residual branch, add, ReLU."""
 
     def __init__(self, shortcut, branch, drop_rate):
         super().__init__()
@@ -104,9 +105,10 @@ class ResidualUnit(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x, reuse=False, owned=False):
-        """``reuse`` (inference only, nothing hooked: :func:`~deepmac_d2.modeling.folded_conv_norm._hook_free`): the output may
-        overwrite the projection shortcut's, or ``x`` if ``owned`` (a temporary the caller
-        no longer needs)."""
+        """``reuse`` (inference only, nothing hooked:
+        :func:`~deepmac_d2.modeling.folded_conv_norm._hook_free`): the output may overwrite
+        the projection shortcut's, or ``x`` if ``owned`` (a temporary the caller no longer
+        needs)."""
         shortcut = self.shortcut(x) if self.shortcut is not None else x
         if _inference(self) and not _has_hooks(self.branch):
             # No drop in eval; the branch's last conv adds the shortcut and applies the ReLU.

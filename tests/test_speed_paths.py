@@ -7,13 +7,16 @@
 - SpineNet trains channels-last on the CPU in float32: the same outputs and gradients
   as NCHW (oneDNN disabled, PyTorch's own kernels).
 - DeepMaskHead's deconv backward in training (``_TransposedConv``, one 1x1 conv's over
-  the gradient's tiles) gives nn.ConvTranspose2d's gradients.
+  the gradient's tiles) gives nn.ConvTranspose2d's gradients, and its BatchNorm, ReLU and
+  one-channel predictor (``_BatchNormReLULogit``, one BatchNorm backward) the layers'
+  gradients and moving statistics.
 """
 import pytest
 import torch
 from torch import nn
 
 from detectron2.layers import ShapeSpec
+from deepmac_d2.modeling import cpu_backward
 from deepmac_d2.modeling import hourglass as hg
 from deepmac_d2.modeling.folded_conv_norm import NormFolding
 from deepmac_d2.modeling.mask_head import DeepMaskHead
@@ -66,9 +69,12 @@ def test_head_inference_is_the_layers_function(variant, norm):
 
 
 def test_head_inference_folds_every_norm(monkeypatch):
-    # No BatchNorm runs in inference (every one is folded into its conv); in training, all.
-    batch_norm, calls = torch.batch_norm, []
-    monkeypatch.setattr(torch, "batch_norm", lambda *a, **k: calls.append(1) or batch_norm(*a, **k))
+    # No BatchNorm runs in inference (every one is folded into its conv); in training, all
+    # (the deconv's through native_batch_norm, see cpu_backward.py).
+    calls = []
+    for name in ("batch_norm", "native_batch_norm"):
+        op = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, op=op, **k: calls.append(1) or op(*a, **k))
     for variant in ("hourglass20", "default"):
         head = mask_head(variant)
         norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -116,16 +122,21 @@ def test_hooks_see_the_reference_call_order_and_unchanged_outputs():
     assert torch.equal(out, copy)  # not overwritten by the residual add
 
 
-def _forward_backward(model, x):
-    """Outputs, parameter gradients and moving statistics of one forward+backward
-    (the statistics then put back, so the next run starts from the same state)."""
+def _forward_backward(fn, x, model=None):
+    """Outputs, gradients (of ``model``'s parameters and of ``x`` if it requires one) and
+    moving statistics of one forward+backward of ``fn`` (``model`` if not given); the
+    statistics then put back, so the next run starts from the same state."""
+    model = model or fn
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.zero_grad(set_to_none=True)
-    out = model(x)
+    x.grad = None
+    out = fn(x)
     out = out if isinstance(out, dict) else {"out": out}
-    sum((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() for y in out.values()).backward()
+    sum((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() for y in out.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    if x.requires_grad:
+        grads["input"] = x.grad.clone()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
     model.load_state_dict(state)
     return out, grads, stats
 
@@ -183,6 +194,47 @@ def test_head_deconv_gradients_are_pytorchs(dtype, factor, input_grad):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12) * b.abs().max()
     assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("variant,dtype,momentum,classes", [
+    ("default", torch.float64, 0.01, 1), ("default", torch.float32, 0.01, 1),
+    ("hourglass10", torch.float64, None, 1), ("default", torch.float64, 0.01, 3),
+])
+def test_head_logits_gradients_and_statistics_are_the_layers(monkeypatch, variant, dtype, momentum, classes):
+    # Training on the CPU runs the deconv's BatchNorm, the ReLU and a one-channel
+    # predictor through _BatchNormReLULogit (no predictor backward: its gradients from
+    # the BatchNorm backward's sums): the same outputs, input and parameter gradients,
+    # moving statistics and batch count as the layers one by one; momentum None (a
+    # cumulative average) included; without autograd, the same forward. With several
+    # classes the layers run.
+    fused = []
+    apply = cpu_backward._BatchNormReLULogit.apply
+    monkeypatch.setattr(cpu_backward._BatchNormReLULogit, "apply", lambda *a: fused.append(1) or apply(*a))
+    torch.manual_seed(0)
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=classes, convnet_variant=variant,
+                        num_filters=8)
+    head = randomise_norms(head).to(dtype).train()
+    head.deconv_norm.momentum = momentum
+    head.deconv_norm.num_batches_tracked.fill_(3)
+    x = torch.randn(4, 16, 14, 14, dtype=dtype)
+    ours = _forward_backward(head.layers, x.requires_grad_(), head)
+    assert len(fused) == (classes == 1)
+    with torch.nn.modules.module.register_module_forward_hook(lambda *args: None):
+        reference = _forward_backward(head.layers, x, head)  # a global hook: the layers run
+    assert len(fused) == (classes == 1)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-12
+    # The biases before a BatchNorm get zero gradients, up to rounding at the scale of the
+    # other gradients: compared at that scale.
+    scale = max(g.abs().max() for g in reference[1].values())
+    for ours_part, reference_part in zip(ours, reference):
+        for k, expected in reference_part.items():
+            bound = rtol * (scale if k.endswith("bias") else expected.abs().max())
+            assert (ours_part[k] - expected).abs().max() <= bound, k
+    assert ours[0]["out"].shape == (4, classes, 28, 28)
+    assert ours[2]["deconv_norm.num_batches_tracked"] == 4
+    with torch.no_grad():  # the same forward without autograd (the parity harness's train mode)
+        assert torch.equal(head.layers(x), ours[0]["out"])
+    assert len(fused) == 2 * (classes == 1)
 
 
 @pytest.mark.parametrize("variant", ["default", "hourglass10"])

@@ -10,7 +10,6 @@ the parameter counts equal the reference's); Detectron2's ``mask_rcnn_loss`` and
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align
 
 from detectron2.config import configurable
@@ -23,6 +22,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
+from .cpu_backward import norm_relu_logits, upsample
 from .folded_conv_norm import FoldedConvNorm, NormFolding, _foldable_norm, _has_hooks, _inference
 from .hourglass import norm_layer
 
@@ -210,84 +210,12 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
         if _inference(self) and _foldable_norm(self.deconv_norm) and not _has_hooks(self.deconv, self.deconv_norm):
             # The deconv, its BatchNorm and the ReLU as one conv (see NormFolding).
             x = self._folded_conv(0, self.deconv, self.deconv_norm, True, x, self.deconv.padding)
+            x = self.predictor(x)
         else:
-            # In place: the norm's backward needs its input, not its output (1% of the
-            # default head's forward+backward CPU time).
-            x = F.relu_(self.deconv_norm(self._upsample(x)))
-        x = self.predictor(x)
+            # Deconv, norm, ReLU, predictor; in CPU training with the shorter backwards
+            # of cpu_backward.py.
+            x = norm_relu_logits(self.deconv_norm, self.predictor, upsample(self.deconv, x))
         return x.contiguous() if channels_last else x
-
-    def _upsample(self, x):
-        """``self.deconv(x)``; in training on the CPU, with a faster backward
-        (:class:`_TransposedConv`). With hooks on the deconv (the weight converter pairs
-        layers by them), the module itself runs."""
-        deconv = self.deconv
-        if (
-            x.device.type != "cpu" or not torch.is_grad_enabled() or x.dim() != 4
-            or _autocast_on_cpu() or _has_hooks(deconv)
-            or tuple(deconv.kernel_size) != tuple(deconv.stride)
-            or any(deconv.padding) or any(deconv.output_padding) or deconv.groups != 1
-            or any(d != 1 for d in deconv.dilation)
-        ):
-            return deconv(x)
-        return _TransposedConv.apply(x, deconv.weight, deconv.bias, tuple(deconv.stride))
-
-
-def _autocast_on_cpu():
-    """Whether CPU autocast (bfloat16 mixed precision) is on: :class:`_TransposedConv`'s
-    backward calls ops that autocast does not cast, so the module itself runs then."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # PyTorch before 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-class _TransposedConv(torch.autograd.Function):
-    """``conv_transpose2d(x, weight, bias, stride)`` with the kernel as large as the stride
-    (the heads' 2 x 2, stride 2) and no padding, whose backward is one 1x1 conv's.
-
-    Such a deconv paints non-overlapping tiles: output pixel (kh y + a, kw x + b) is input
-    pixel (y, x) times tap (a, b), so it is the 1x1 conv from ``x`` to the tiles laid out
-    as channels. The output gradient rearranged so (one copy), oneDNN's 1x1 kernels give
-    the input, weight and bias gradients, where PyTorch's own backward runs its slower
-    transposed-conv weight gradient and a separate bias sum: the same sums, the default
-    head's training step 1.7 to 3.1% faster (same process, alternating, 2 threads).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv_transpose2d(x, weight, bias, stride)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        needs_x, needs_weight = ctx.needs_input_grad[:2]
-        needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
-        n, c_out, height, width = grad.shape
-        c_in, _, kh, kw = weight.shape
-        h, w = height // kh, width // kw
-        # Channel (a, b, o) of tile (y, x) is grad[o, kh y + a, kw x + b]; channels-last.
-        tiles = torch.empty(n, h, w, kh, kw, c_out, dtype=grad.dtype, device=grad.device)
-        tiles.copy_(grad.permute(0, 2, 3, 1).view(n, h, kh, w, kw, c_out).permute(0, 1, 3, 2, 4, 5))
-        tiles = tiles.view(n, h, w, kh * kw * c_out).permute(0, 3, 1, 2)
-        # The 1x1 conv x -> tiles: weight [(a, b, o), i], bias[o] for every tap (a, b).
-        tiled_weight = weight.permute(2, 3, 1, 0).reshape(kh * kw * c_out, c_in, 1, 1)
-        grad_x = grad_weight = grad_bias = None
-        if needs_x:
-            grad_x = F.conv2d(tiles, tiled_weight.transpose(0, 1))
-        if needs_weight or needs_bias:
-            _, weight_tiles, bias_tiles = torch.ops.aten.convolution_backward(
-                tiles, x, tiled_weight, [kh * kw * c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [False, needs_weight, needs_bias],
-            )
-            if needs_weight:
-                grad_weight = weight_tiles.view(kh, kw, c_out, c_in).permute(3, 2, 0, 1).contiguous()
-            if needs_bias:
-                grad_bias = bias_tiles.view(kh * kw, c_out).sum(0)
-        return grad_x, grad_weight, grad_bias, None
 
 
 class SoftBitMasks(BitMasks):

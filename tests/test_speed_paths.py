@@ -6,17 +6,17 @@
   one (autograd on), up to float rounding.
 - SpineNet trains channels-last on the CPU in float32: the same outputs and gradients
   as NCHW (oneDNN disabled, PyTorch's own kernels).
-- DeepMaskHead's deconv backward in training (``_TransposedConv``, one 1x1 conv's over
-  the gradient's tiles) gives nn.ConvTranspose2d's gradients, and its BatchNorm, ReLU and
-  one-channel predictor (``_BatchNormReLULogit``, one BatchNorm backward) the layers'
-  gradients and moving statistics.
+- DeepMaskHead's last layers on the CPU, on the deconv's output tiles (``_TransposedConv``,
+  a 1x1 conv's forward and backward), give the modules' outputs and gradients, and its
+  BatchNorm, ReLU and one-channel predictor in training (``_BatchNormReLULogit``, one
+  BatchNorm backward) the layers' gradients and moving statistics.
 """
 import pytest
 import torch
 from torch import nn
 
 from detectron2.layers import ShapeSpec
-from deepmac_d2.modeling import cpu_backward
+from deepmac_d2.modeling import cpu_mask_logits
 from deepmac_d2.modeling import hourglass as hg
 from deepmac_d2.modeling.folded_conv_norm import NormFolding
 from deepmac_d2.modeling.mask_head import DeepMaskHead
@@ -70,7 +70,7 @@ def test_head_inference_is_the_layers_function(variant, norm):
 
 def test_head_inference_folds_every_norm(monkeypatch):
     # No BatchNorm runs in inference (every one is folded into its conv); in training, all
-    # (the deconv's through native_batch_norm, see cpu_backward.py).
+    # (the deconv's through native_batch_norm, see cpu_mask_logits.py).
     calls = []
     for name in ("batch_norm", "native_batch_norm"):
         op = getattr(torch, name)
@@ -171,29 +171,33 @@ def test_spinenet_block_trains_channels_last_as_nchw():
     assert_close(fast, plain, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,factor,input_grad", [
-    (torch.float32, 2, True), (torch.float64, 2, True), (torch.float64, 3, True), (torch.float32, 2, False),
+@pytest.mark.parametrize("dtype,factor,input_grad,norm,classes", [
+    (torch.float32, 2, True, "", 1), (torch.float64, 2, True, "", 1), (torch.float64, 3, True, "", 3),
+    (torch.float32, 2, False, "", 1), (torch.float64, 2, True, "FrozenBN", 3),
 ])
-def test_head_deconv_gradients_are_pytorchs(dtype, factor, input_grad):
-    # Training on the CPU runs the deconv through _TransposedConv (its backward one 1x1
-    # conv's over the gradient's tiles): the same outputs and gradients as
-    # nn.ConvTranspose2d's own backward, for any upsampling factor, with or without the
-    # input's gradient (the head's first layer).
+def test_head_tiled_upsampling_is_the_layers_function(dtype, factor, input_grad, norm, classes):
+    # On the CPU the deconv, norm, ReLU and predictor run on the deconv's output tiles
+    # (_TransposedConv: a 1x1 conv's forward and backward): the same logits, in place, and
+    # gradients as the modules' own, for any upsampling factor, norm without batch
+    # statistics and number of classes, with or without the input's gradient (the head's
+    # first layer).
     torch.manual_seed(0)
-    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=1, num_filters=8, norm="",
-                        upsample_factor=factor).to(dtype).train()
-    x = torch.randn(3, 16, 9, 9, dtype=dtype, requires_grad=input_grad)
+    head = DeepMaskHead(ShapeSpec(channels=16), num_classes=classes, num_filters=8, norm=norm,
+                        upsample_factor=factor)
+    head = randomise_norms(head).to(dtype).train()
+    x = torch.randn(3, 16, 9, 5, dtype=dtype, requires_grad=input_grad)
     ours = head.layers(x)
-    assert ours.grad_fn is not None and ours.shape[-1] == 9 * factor
+    assert ours.grad_fn is not None and ours.shape == (3, classes, 9 * factor, 5 * factor)
     with torch.nn.modules.module.register_module_forward_hook(lambda *args: None):
-        reference = head.layers(x)  # a global hook: the module itself runs
-    weight = torch.linspace(-1, 1, ours.numel(), dtype=dtype).view_as(ours)
+        reference = head.layers(x)  # a global hook: the modules themselves run
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (ours - reference).abs().max() <= rtol * reference.abs().max()
+    weight = torch.rand(ours.shape, dtype=dtype)
     inputs = ([x] if input_grad else []) + list(head.parameters())
     for a, b in zip(torch.autograd.grad((ours * weight).sum(), inputs),
                     torch.autograd.grad((reference * weight).sum(), inputs)):
         assert a.shape == b.shape
-        assert (a - b).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12) * b.abs().max()
-    assert torch.equal(ours, reference)
+        assert (a - b).abs().max() <= rtol * b.abs().max()
 
 
 @pytest.mark.parametrize("variant,dtype,momentum,classes", [
@@ -208,8 +212,8 @@ def test_head_logits_gradients_and_statistics_are_the_layers(monkeypatch, varian
     # cumulative average) included; without autograd, the same forward. With several
     # classes the layers run.
     fused = []
-    apply = cpu_backward._BatchNormReLULogit.apply
-    monkeypatch.setattr(cpu_backward._BatchNormReLULogit, "apply", lambda *a: fused.append(1) or apply(*a))
+    apply = cpu_mask_logits._BatchNormReLULogit.apply
+    monkeypatch.setattr(cpu_mask_logits._BatchNormReLULogit, "apply", lambda *a: fused.append(1) or apply(*a))
     torch.manual_seed(0)
     head = DeepMaskHead(ShapeSpec(channels=16), num_classes=classes, convnet_variant=variant,
                         num_filters=8)

@@ -22,7 +22,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
-from .cpu_backward import norm_relu_logits, upsample
+from .cpu_mask_logits import upsample_to_logits
 from .folded_conv_norm import FoldedConvNorm, NormFolding, _foldable_norm, _has_hooks, _inference
 from .hourglass import norm_layer
 
@@ -212,9 +212,8 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
             x = self._folded_conv(0, self.deconv, self.deconv_norm, True, x, self.deconv.padding)
             x = self.predictor(x)
         else:
-            # Deconv, norm, ReLU, predictor; in CPU training with the shorter backwards
-            # of cpu_backward.py.
-            x = norm_relu_logits(self.deconv_norm, self.predictor, upsample(self.deconv, x))
+            # Deconv, norm, ReLU, predictor (on the CPU as tiles, see cpu_mask_logits.py).
+            x = upsample_to_logits(self.deconv, self.deconv_norm, self.predictor, x)
         return x.contiguous() if channels_last else x
 
 

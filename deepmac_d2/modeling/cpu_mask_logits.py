@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .folded_conv_norm import _has_hooks
+from .folded_conv_norm import _capturing, _has_hooks
 
 __all__ = ["upsample_to_logits"]
 
@@ -41,8 +41,9 @@ def _is_1x1(conv):
 
 
 def upsample_to_logits(deconv: nn.ConvTranspose2d, norm: nn.Module, predictor: nn.Conv2d, x):
-    """``predictor(relu(norm(deconv(x))))``, on the CPU (no autocast, no hooks) for a
-    deconv whose kernel is as large as its stride and a per-channel norm, on tiles.
+    """``predictor(relu(norm(deconv(x))))``, on the CPU for a deconv whose kernel is as
+    large as its stride and a per-channel norm, on tiles; without autocast, hooks or
+    graph capture (exported graphs keep the layers).
 
     Such a deconv paints non-overlapping tiles: output pixel (kh y + a, kw x + b) is input
     pixel (y, x) times tap (a, b). The n x C x (h kh) x (w kw) output, stored tile by tile
@@ -55,7 +56,7 @@ def upsample_to_logits(deconv: nn.ConvTranspose2d, norm: nn.Module, predictor: n
     """
     if not (
         x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0 and not _autocast_on_cpu()
-        and not _has_hooks(deconv, norm, predictor)
+        and not _has_hooks(deconv, norm, predictor) and not _capturing()
         and tuple(deconv.kernel_size) == tuple(deconv.stride) and not any(deconv.padding)
         and not any(deconv.output_padding) and deconv.groups == 1
         and all(d == 1 for d in deconv.dilation) and deconv.bias is not None

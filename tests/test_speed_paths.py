@@ -175,12 +175,15 @@ def test_spinenet_block_trains_channels_last_as_nchw():
     (torch.float32, 2, True, "", 1), (torch.float64, 2, True, "", 1), (torch.float64, 3, True, "", 3),
     (torch.float32, 2, False, "", 1), (torch.float64, 2, True, "FrozenBN", 3),
 ])
-def test_head_tiled_upsampling_is_the_layers_function(dtype, factor, input_grad, norm, classes):
+def test_head_tiled_upsampling_is_the_layers_function(monkeypatch, dtype, factor, input_grad, norm, classes):
     # On the CPU the deconv, norm, ReLU and predictor run on the deconv's output tiles
     # (_TransposedConv: a 1x1 conv's forward and backward): the same logits, in place, and
     # gradients as the modules' own, for any upsampling factor, norm without batch
     # statistics and number of classes, with or without the input's gradient (the head's
-    # first layer).
+    # first layer). Counted, so a case that silently ran the modules would fail.
+    tiled = []
+    apply = cpu_mask_logits._TransposedConv.apply
+    monkeypatch.setattr(cpu_mask_logits._TransposedConv, "apply", lambda *a: tiled.append(1) or apply(*a))
     torch.manual_seed(0)
     head = DeepMaskHead(ShapeSpec(channels=16), num_classes=classes, num_filters=8, norm=norm,
                         upsample_factor=factor)
@@ -188,8 +191,10 @@ def test_head_tiled_upsampling_is_the_layers_function(dtype, factor, input_grad,
     x = torch.randn(3, 16, 9, 5, dtype=dtype, requires_grad=input_grad)
     ours = head.layers(x)
     assert ours.grad_fn is not None and ours.shape == (3, classes, 9 * factor, 5 * factor)
+    assert len(tiled) == 1
     with torch.nn.modules.module.register_module_forward_hook(lambda *args: None):
         reference = head.layers(x)  # a global hook: the modules themselves run
+    assert len(tiled) == 1
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     assert (ours - reference).abs().max() <= rtol * reference.abs().max()
     weight = torch.rand(ours.shape, dtype=dtype)

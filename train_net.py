@@ -5,20 +5,13 @@
     python train_net.py --config-file configs/voc_r50_hg52.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
     PJRT_DEVICE=TPU python train_net.py --config-file configs/voc_r50_hg52.yaml --accelerator xla
 """
-import os
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 
-# OpenMP threads that wait for work spin briefly, then sleep (see tools/demo.py); read
-# when torch loads, so set before it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.engine import default_argument_parser  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-
-import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
-from deepmac_d2.engine import ACCELERATORS, Trainer, launch, requested_accelerator, setup  # noqa: E402
+import deepmac_d2  # noqa: F401  (registers heads, ROI heads, datasets)
+from deepmac_d2.engine import ACCELERATORS, Trainer, launch, requested_accelerator, setup
 
 
 def main(args):

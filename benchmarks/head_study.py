@@ -542,12 +542,7 @@ def main(argv=None):
         runs, detector_dir,
         worker_command=lambda folder: [sys.executable, os.path.abspath(__file__),
                                        "--run-dir", folder],
-        # OpenMP waiters that spin briefly, then sleep, for the detectors, as in
-        # tools/demo.py; not for the heads here: one process of small convolutions, which
-        # libgomp's default spin-waiting runs 2x faster (hourglass52 on GT boxes: 85
-        # against 166 ms a step, 2 idle cores).
-        env=dict({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}, **os.environ,
-                 DEEPMAC_SYNTHETIC_ROOT=os.path.abspath(args.data_root)),
+        env=dict(os.environ, DEEPMAC_SYNTHETIC_ROOT=os.path.abspath(args.data_root)),
         describe=lambda r: f"(box AP {_number(r['metrics']['box_AP']):.1f})",
     )
     failed = [run.name for run, r in zip(runs, detectors) if r.get("failed")]

@@ -32,33 +32,29 @@ keys (head, mask-training boxes, allowed classes, seed, iterations, output) come
 """
 import os
 
-# OpenMP waiters spin briefly, then sleep: see tools/demo.py. Inherited by the runs' processes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+import argparse
+import json
+import math
+import sys
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
-from deepmac_d2.data.class_splits import parse_class_subset, resolve_class_ids  # noqa: E402
-from deepmac_d2.data.synthetic import (  # noqa: E402
+import deepmac_d2  # noqa: F401  (registers heads, ROI heads, datasets)
+from deepmac_d2.data.class_splits import parse_class_subset, resolve_class_ids
+from deepmac_d2.data.synthetic import (
     PARAMS_FILE,
     SPLITS,
     default_root,
     prepare_synthetic,
     register_synthetic,
 )
-from deepmac_d2.engine import ACCELERATORS, Trainer, load_config  # noqa: E402
-from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
-from deepmac_d2.engine.grid import (  # noqa: E402
+from deepmac_d2.engine import ACCELERATORS, Trainer, load_config
+from deepmac_d2.engine.console import metric, quiet_setup
+from deepmac_d2.engine.grid import (
     SPEC_FILE,
     WORKER_FILE,
     GridRun,
@@ -67,8 +63,8 @@ from deepmac_d2.engine.grid import (  # noqa: E402
     spec_config,
     write_json,
 )
-from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
-from deepmac_d2.modeling import CONVNET_VARIANTS  # noqa: E402
+from deepmac_d2.evaluation import given_box_mask_iou
+from deepmac_d2.modeling import CONVNET_VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

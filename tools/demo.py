@@ -20,45 +20,35 @@
 
 Trailing KEY VALUE pairs override the config, as in train_net.py.
 """
+import argparse
+import copy
+import json
+import math
 import os
+import sys
+import time
 
-# OpenMP threads that wait for work spin for about 10 us (1000 spins), then sleep. With
-# more threads than free cores (the data pipeline, other jobs), libgomp's default 3 ms
-# spin made a training step 3x slower on the 2-core machine this demo is sized for;
-# sleeping at once costs about 100 us per op where idle cores must be woken (a virtual
-# machine's), which the short spin saves (README, "Speed against the reference"). Read
-# when torch loads OpenMP, so set before the first import of torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+import numpy as np
+import pycocotools.mask
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import BoxMode
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image, ImageDraw
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pycocotools.mask  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.structures import BoxMode  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
-from deepmac_d2.box_masks import BoxMaskPredictor  # noqa: E402
-from deepmac_d2.data.synthetic import (  # noqa: E402
+import deepmac_d2  # noqa: F401  (registers heads, ROI heads, datasets)
+from deepmac_d2.box_masks import BoxMaskPredictor
+from deepmac_d2.data.synthetic import (
     NOVEL_CLASSES,
     SEEN_CLASSES,
     default_root,
     prepare_synthetic,
     register_synthetic,
 )
-from deepmac_d2.engine import Trainer  # noqa: E402
-from deepmac_d2.engine.console import metric, quiet_setup  # noqa: E402
-from deepmac_d2.evaluation import given_box_mask_iou  # noqa: E402
+from deepmac_d2.engine import Trainer
+from deepmac_d2.engine.console import metric, quiet_setup
+from deepmac_d2.evaluation import given_box_mask_iou
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")

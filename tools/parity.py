@@ -48,24 +48,24 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-import deepmac_d2  # noqa: E402,F401  (registers; installs the detectron2._C stand-in)
-from detectron2.layers import ShapeSpec  # noqa: E402
-from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory  # noqa: E402
-from deepmac_d2.engine.cpu_threads import openmp_waiting  # noqa: E402
-from deepmac_d2.modeling import tf_layers  # noqa: E402
-from deepmac_d2.modeling.hourglass import KerasBatchNorm2d  # noqa: E402
-from deepmac_d2.modeling.mask_head import DeepMaskHead  # noqa: E402
-from deepmac_d2.modeling.spinenet import SpineNet  # noqa: E402
-from deepmac_d2.modeling.tf_heads import (  # noqa: E402
+import deepmac_d2  # noqa: F401  (registers; installs the detectron2._C stand-in)
+from detectron2.layers import ShapeSpec
+from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory
+from deepmac_d2.engine.cpu_threads import openmp_waiting
+from deepmac_d2.modeling import tf_layers
+from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
+from deepmac_d2.modeling.mask_head import DeepMaskHead
+from deepmac_d2.modeling.spinenet import SpineNet
+from deepmac_d2.modeling.tf_heads import (
     TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead, reference_anchor_order,
 )
-from detectron2.modeling.box_regression import Box2BoxTransform  # noqa: E402
-from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN  # noqa: E402
-from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights  # noqa: E402
+from detectron2.modeling.box_regression import Box2BoxTransform
+from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN
+from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights
 
 # glibc's malloc keeping freed memory on both sides, as TF's own allocator does (why:
 # deepmac_d2/engine/cpu_memory.py): mallopt for ours, where the environment does not set

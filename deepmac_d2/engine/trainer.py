@@ -14,8 +14,6 @@ from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
-from .cpu_memory import keep_freed_memory
-from .cpu_threads import openmp_waiting
 
 # Under "detectron2": default_setup gives that logger the terminal and log.txt.
 logger = logging.getLogger("detectron2.deepmac_d2.engine")
@@ -134,9 +132,8 @@ def setup(args, check_datasets=True):
     cfg.freeze()
     default_setup(cfg, args)
     if accelerator == "cpu":
-        # Each step's large activations reused instead of faulted in again (cpu_memory.py).
-        logger.info("CPU memory: %s", keep_freed_memory())
-        logger.info("CPU threads: %d, waiting as %s", torch.get_num_threads(), openmp_waiting())
+        logger.info("CPU threads: %d (docs/performance.md: settings that speed up CPU training)",
+                    torch.get_num_threads())
     if check_datasets:
         check_dataset_files(cfg)
     return cfg

@@ -7,6 +7,7 @@ pieces (``GeneralizedRCNN.inference(detected_instances=...)`` runs the backbone 
 ``ROIHeads.forward_with_given_boxes``); this module feeds them the model's own test-time
 preprocessing and returns one mask per box at the original image size.
 """
+import copy
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
+
+from .modeling import fuse_for_inference
 
 __all__ = ["BoxMaskPredictor", "BoxMasks", "masks_at_given_boxes"]
 
@@ -118,8 +121,9 @@ class BoxMaskPredictor:
     from the caller and only the backbone and the mask branch run. Build it from a config
     (``BoxMaskPredictor(cfg, weights=path)``, or ``model=`` to wrap a model already in
     memory) or from a model and its preprocessing (``BoxMaskPredictor(model,
-    class_agnostic=True, augmentations=[...], input_format="BGR")``). The model is put in
-    eval mode.
+    class_agnostic=True, augmentations=[...], input_format="BGR")``). It predicts with an
+    eval-mode copy of the model whose BatchNorms are folded into the convs
+    (:func:`~deepmac_d2.modeling.fuse_for_inference`); the model given is left as it is.
 
     Boxes are clipped to the image; a box with no area left (e.g. outside the image) gets
     an all-False mask without reaching the model, so the output always has one mask per box.
@@ -144,7 +148,7 @@ class BoxMaskPredictor:
             input_format: channel order of the images the model was trained on, which
                 callers must pass ("BGR" or "RGB"; Detectron2's ``INPUT.FORMAT``).
         """
-        self.model = model.eval()
+        self.model = fuse_for_inference(copy.deepcopy(model).eval())
         self.class_agnostic = class_agnostic
         self.augmentations = T.AugmentationList(list(augmentations))
         self.input_format = input_format

@@ -48,6 +48,30 @@ def add_deepmac_config(cfg):
     # of the full mask, values in [0, 1], never re-binarised).
     head.SOFT_TARGETS = False
 
+    # Weak mask losses (deepmac_d2/modeling/weak_losses.py; docs/weak_losses.md): what an
+    # instance's box alone teaches the mask head. Off while both weights are 0.
+    head.WEAK = CN()
+    # BoxInst's projection term / TF-OD DeepMAC's box consistency: the mask's max along
+    # x and along y against the box's. Weight >= 0; loss "dice" (BoxInst) or "bce" (TF-OD).
+    head.WEAK.BOX_PROJECTION_WEIGHT = 0.0
+    head.WEAK.BOX_PROJECTION_LOSS = "dice"
+    # BoxInst's pairwise term / TF-OD's colour consistency: -log P(same label) of each
+    # in-box pixel and its 8 neighbours at PAIRWISE_DILATION (>= 1) whose LAB colour
+    # similarity exp(-||dLAB|| / 2) is >= PAIRWISE_COLOR_THRESHOLD, in (0, 1) (BoxInst
+    # 0.3, TF-OD 0.4). Weight >= 0.
+    head.WEAK.PAIRWISE_WEIGHT = 0.0
+    head.WEAK.PAIRWISE_COLOR_THRESHOLD = 0.3
+    head.WEAK.PAIRWISE_DILATION = 2
+    # The pairwise term is scaled by min(iteration / WARMUP_ITERS, 1) (BoxInst: 10000;
+    # 0: no warmup), as early masks are noise and their pairs would teach noise.
+    head.WEAK.WARMUP_ITERS = 10000
+    # The ROI of a weakly supervised instance is its box (or proposal) scaled by this
+    # (>= 1) about its centre: a ROI equal to the box makes the box target all ones.
+    head.WEAK.ROI_EXPAND = 1.5
+    # Which instances the weak losses cover: "no_mask" (those the mask loss does not
+    # take: box-only, or of a class outside ALLOWED_CLASS_IDS) or "all".
+    head.WEAK.APPLY_TO = "no_mask"
+
     # SpineNet backbone (MODEL.BACKBONE.NAME "build_spinenet_backbone"); TF Model
     # Garden's backbone.spinenet. Outputs p{MIN_LEVEL}..p{MAX_LEVEL}, strides 2^level.
     cfg.MODEL.SPINENET = CN()
@@ -95,6 +119,17 @@ def add_deepmac_config(cfg):
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.
     cfg.DATASETS.EVAL_CLASS_SUBSETS = []
+
+    # Standard speed-ups, off by default (docs/performance.md has what each gains):
+    # torch.compile of "none", "mask_head" (the ROI mask head) or "model" (the whole model),
+    # with a torch.compile backend; dynamic shapes, as the ROI count changes every batch.
+    cfg.MODEL.COMPILE = CN()
+    cfg.MODEL.COMPILE.TARGET = "none"
+    cfg.MODEL.COMPILE.BACKEND = "inductor"
+    cfg.MODEL.COMPILE.DYNAMIC = True
+    # Evaluation on a copy of the model whose BatchNorms are folded into the convs before
+    # them (deepmac_d2.modeling.fuse_for_inference): "none" or "conv_bn".
+    cfg.TEST.FUSE = "none"
 
     cfg.DEEPMAC = CN()
     # Where to train: "auto" (CUDA if present, else CPU), "cuda", "cpu" or "xla" (TPU via torch-xla).

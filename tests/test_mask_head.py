@@ -21,7 +21,6 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_i
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from deepmac_d2.modeling import CONVNET_VARIANTS, DeepMaskHead
-from deepmac_d2.modeling.folded_conv_norm import FoldedConvNorm
 from deepmac_d2.modeling.mask_head import SoftBitMasks, _with_soft_masks
 
 VARIANTS = ["default", "hourglass10", "hourglass20", "hourglass32", "hourglass52", "hourglass100"]
@@ -277,7 +276,7 @@ def config_head(config_file):
 )
 def test_head_batchnorm_settings_per_recipe(config_file, momentum, eps):
     head = config_head(config_file)
-    default_variant = head.convnet.__class__ is FoldedConvNorm
+    default_variant = head.convnet.__class__ is nn.Sequential
     own = [head.deconv_norm]
     if default_variant:  # its convs' norms too
         own += [m for m in head.convnet if isinstance(m, nn.BatchNorm2d)]

@@ -14,6 +14,7 @@ from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
+from .speedups import check_speedup_config, compile_model, inference_model
 
 # Under "detectron2": default_setup gives that logger the terminal and log.txt.
 logger = logging.getLogger("detectron2.deepmac_d2.engine")
@@ -58,6 +59,14 @@ class Trainer(DefaultTrainer):
             if isinstance(hook, hooks.PeriodicWriter):
                 hook._period = self.cfg.DEEPMAC.LOG_PERIOD  # Detectron2 offers no setting for it
         return ret
+
+    @classmethod
+    def build_model(cls, cfg):
+        return compile_model(super().build_model(cfg), cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        return super().test(cfg, inference_model(model, cfg), evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -129,6 +138,7 @@ def setup(args, check_datasets=True):
         if accelerator == "cpu" and cfg.SOLVER.AMP.ENABLED:
             logger.warning("SOLVER.AMP.ENABLED is CUDA-only; training in fp32 on CPU.")
             cfg.SOLVER.AMP.ENABLED = False
+    check_speedup_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     if accelerator == "cpu":

@@ -6,12 +6,15 @@ What tracing would bake in is kept out: every size is read from tensors, boxes a
 filtered by a data-dependent Python branch, and a box count of zero needs no special case
 (every op takes zero rows, ONNX Runtime's too).
 """
+import copy
+
 import torch
 from torch import nn
 
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Boxes, Instances
 
+from ..modeling import fuse_for_inference
 from .resize import image_size, resize_shortest_edge
 
 __all__ = ["DetectorExport", "BoxMaskExport"]
@@ -30,11 +33,13 @@ def _paste(roi_masks: torch.Tensor, boxes: torch.Tensor, size: torch.Tensor) -> 
 
 
 class _ExportBase(nn.Module):
-    """Holds an eval-mode GeneralizedRCNN and its test-time resize."""
+    """Holds an eval-mode copy of a GeneralizedRCNN, its BatchNorms folded into the convs
+    (:func:`~deepmac_d2.modeling.fuse_for_inference`: the exported graphs run one conv
+    where the model ran a conv and a norm), and its test-time resize."""
 
     def __init__(self, model, min_size_test: int, max_size_test: int):
         super().__init__()
-        self.model = model.eval()
+        self.model = fuse_for_inference(copy.deepcopy(model).eval())
         self.min_size_test = int(min_size_test)
         self.max_size_test = int(max_size_test)
 

@@ -1,5 +1,6 @@
 """Mask heads (Hourglass network, DeepMaskHead), the partially supervised ROIHeads, SpineNet,
-the reference's ResNet-FPN."""
+the reference's ResNet-FPN, and the BatchNorm folding for inference."""
+from .fusion import fuse_for_inference
 from .hourglass import HourglassNetwork
 from .mask_head import CONVNET_VARIANTS, DeepMaskHead
 from .roi_heads import DeepMaskROIHeads
@@ -19,4 +20,5 @@ __all__ = [
     "TFResNetFPN",
     "build_spinenet_backbone",
     "build_tf_resnet_fpn_backbone",
+    "fuse_for_inference",
 ]

@@ -17,8 +17,6 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d, get_norm
 from detectron2.utils import comm
 
-from .folded_conv_norm import FoldedConvNorm, _hook_free, _inference
-
 __all__ = [
     "KerasBatchNorm2d",
     "norm_layer",
@@ -112,14 +110,12 @@ def conv_norm_relu(conv, norm, eps, momentum, relu=True):
     return layers
 
 
-class ConvBlock(FoldedConvNorm):
+class ConvBlock(nn.Sequential):
     """Conv (no bias: the norm's shift replaces it) + norm + optional ReLU.
 
     Kernels larger than 1 are padded by ``k // 2`` on every side, as the reference
     (explicit symmetric zero padding, then a 'valid' conv); a 1x1 kernel has no
-    padding, so with stride 2 it takes the even positions. Inference folds the
-    BatchNorm into the conv, as the reference's graph does under ``tf.function``
-    (see :class:`~deepmac_d2.modeling.folded_conv_norm.FoldedConvNorm`).
+    padding, so with stride 2 it takes the even positions.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, relu=True, norm="BN"):
@@ -146,12 +142,8 @@ class ResidualBlock(nn.Module):
             self.skip = nn.Identity()
 
     def forward(self, x):
-        if _inference(self) and _hook_free(self):
-            # conv2's folded conv adds the shortcut and applies the ReLU; into the
-            # projection's output (a temporary), not into ``x``, which the caller keeps.
-            # (Hooks see the reference's call order, conv1, conv2, skip: the path below.)
-            projected = not isinstance(self.skip, nn.Identity)
-            return self.conv2(self.conv1(x), residual=self.skip(x), inplace=projected)
+        # conv1, conv2, then skip: the reference's call order, which the weight
+        # converter pairs layers by.
         return F.relu_(self.conv2(self.conv1(x)) + self.skip(x))
 
 

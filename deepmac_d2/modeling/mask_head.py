@@ -22,8 +22,6 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from . import hourglass
-from .cpu_mask_logits import upsample_to_logits
-from .folded_conv_norm import FoldedConvNorm, NormFolding, _foldable_norm, _has_hooks, _inference
 from .hourglass import norm_layer
 
 __all__ = ["DeepMaskHead", "CONVNET_VARIANTS", "SoftBitMasks"]
@@ -67,7 +65,7 @@ def _default_convnet(in_channels, num_filters, num_convs, norm, bn_eps, bn_momen
             layers.append(norm_module)
         layers.append(nn.ReLU(inplace=True))
         in_channels = num_filters
-    return FoldedConvNorm(*layers), in_channels
+    return nn.Sequential(*layers), in_channels
 
 
 def build_convnet(
@@ -91,7 +89,7 @@ def build_convnet(
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
+class DeepMaskHead(BaseMaskRCNNHead):
     """A convnet (Mask R-CNN's 4 convs or an hourglass), then a transposed conv that
     upsamples by ``upsample_factor`` + norm + ReLU, then 1x1 mask logits.
 
@@ -169,6 +167,9 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
         )
         return ret
 
+    # The deconv's norm, for fuse_for_inference (fusion.py) to fold into it.
+    conv_norm_pairs = (("deconv", "deconv_norm"),)
+
     # DeepMaskROIHeads hands this head every candidate ROI in training, with a
     # ``trains_mask`` field saying which ones the loss takes (see its _forward_mask).
     takes_untrained_rois = True
@@ -200,21 +201,8 @@ class DeepMaskHead(NormFolding, BaseMaskRCNNHead):
         # copy would do for the statistics, but its gradients cancel at that BatchNorm).
         if self.training and x.shape[0] == 1:
             return self.layers(torch.cat([x, x.flip(-1)]))[:1]
-        # On the CPU, channels-last (NHWC) saves oneDNN's convolutions a reorder of every
-        # input and output: forward 15-25% and forward+backward 5-7% less CPU time on one
-        # thread (README, "Speed against the reference"). The logits go back to NCHW.
-        channels_last = x.device.type == "cpu"
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.convnet(x)
-        if _inference(self) and _foldable_norm(self.deconv_norm) and not _has_hooks(self.deconv, self.deconv_norm):
-            # The deconv, its BatchNorm and the ReLU as one conv (see NormFolding).
-            x = self._folded_conv(0, self.deconv, self.deconv_norm, True, x, self.deconv.padding)
-            x = self.predictor(x)
-        else:
-            # Deconv, norm, ReLU, predictor (on the CPU as tiles, see cpu_mask_logits.py).
-            x = upsample_to_logits(self.deconv, self.deconv_norm, self.predictor, x)
-        return x.contiguous() if channels_last else x
+        return self.predictor(F.relu(self.deconv_norm(self.deconv(x))))
 
 
 class SoftBitMasks(BitMasks):

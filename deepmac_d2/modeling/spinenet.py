@@ -14,14 +14,12 @@ decoder (the reference's ``identity`` decoder).
 """
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .folded_conv_norm import _has_hooks, _hook_free, _inference
 from .tf_layers import BN_EPS, BN_MOMENTUM, ConvNorm, ResidualUnit, check_input_size, max_pool_same
 
 __all__ = ["SpineNet", "build_spinenet_backbone", "SCALING_MAP", "BLOCK_SPECS"]
@@ -61,20 +59,6 @@ BLOCK_SPECS = [
     (2, "bottleneck", (2, 13), True),
 ]
 
-def _channels_last(x):
-    """Whether SpineNet runs ``x`` channels-last (NHWC): float32 on the CPU with oneDNN.
-
-    oneDNN's NHWC convolutions skip the reorders to and from its blocked layout that NCHW
-    costs around every conv; in training that is 0.77 to 0.79 of the NCHW step's CPU time
-    (SpineNet-49 forward+backward, 640 x 640, 2 threads, PyTorch 2.14, whose NHWC
-    BatchNorm no longer loses it back). Other dtypes (float64 parity) and devices keep NCHW.
-    """
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    )
-
-
 def bottleneck_block(in_channels, filters, projection, drop_rate, norm):
     """1x1, 3x3, 1x1 (x4) convs; the reference's ``nn_blocks.BottleneckBlock``."""
     shortcut = ConvNorm(in_channels, 4 * filters, 1, relu=False, norm=norm) if projection else None
@@ -97,19 +81,6 @@ def residual_block(in_channels, filters, projection, drop_rate, norm):
 
 
 _BLOCK_FNS = {"bottleneck": (bottleneck_block, 4), "residual": (residual_block, 1)}
-
-
-def _run_group(group, x, reuse, owned):
-    """A block group on ``x``; with ``reuse`` (see
-    :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`) each block may overwrite
-    its input where that is a temporary: the previous block's output, or ``x`` if
-    ``owned``."""
-    if not _inference(group) or _has_hooks(group):
-        return group(x)
-    for block in group:
-        x = block(x, reuse, owned)
-        owned = True
-    return x
 
 
 def block_group(in_channels, filters, kind, repeats, drop_rate, norm):
@@ -138,8 +109,7 @@ class Resample(nn.Module):
         self.up = 2 ** max(in_level - out_level, 0)
         self.expand = ConvNorm(mid, out_channels, 1, relu=False, norm=norm)
 
-    def forward(self, x, residual=None, inplace=False):
-        """With ``residual`` (inference only): ReLU(the resampled ``x`` + ``residual``)."""
+    def forward(self, x):
         x = self.reduce(x)
         if self.down is not None:
             x = self.down(x)
@@ -147,7 +117,7 @@ class Resample(nn.Module):
                 x = max_pool_same(x)
         elif self.up > 1:
             x = F.interpolate(x, scale_factor=self.up, mode="nearest")
-        return self.expand(x, residual=residual, inplace=inplace)
+        return self.expand(x)
 
 
 class ScalePermutedBlock(nn.Module):
@@ -163,18 +133,11 @@ class ScalePermutedBlock(nn.Module):
         self.parents = parents
         self.extra_parents = extra_parents
 
-    def forward(self, features, reuse=False):
-        """``reuse``: see :meth:`~deepmac_d2.modeling.tf_layers.ResidualUnit.forward`."""
-        x = self.resample0(features[self.parents[0]])
-        if _inference(self) and not self.extra_parents and not _has_hooks(self.resample1):
-            # The second resampling's last conv adds the first and applies the ReLU.
-            x = self.resample1(features[self.parents[1]], residual=x, inplace=reuse)
-        else:
-            x = x + self.resample1(features[self.parents[1]])
-            for j in self.extra_parents:
-                x += features[j]
-            x = F.relu_(x)
-        return _run_group(self.group, x, reuse, owned=True)
+    def forward(self, features):
+        x = self.resample0(features[self.parents[0]]) + self.resample1(features[self.parents[1]])
+        for j in self.extra_parents:
+            x += features[j]
+        return self.group(F.relu_(x))
 
 
 class SpineNet(Backbone):
@@ -301,20 +264,16 @@ class SpineNet(Backbone):
         d = self.size_divisibility
         check_input_size(x, d, "SpineNet (MODEL.BACKBONE.NAME 'build_spinenet_backbone')",
                          "its level-7 blocks halve the input 7 times: e.g. 640, 1024 or 1280")
-        inference = _inference(self)
-        if _channels_last(x):  # oneDNN's fastest layout, converted once
-            x = x.contiguous(memory_format=torch.channels_last)
-        reuse = inference and _hook_free(self)  # see ResidualUnit.forward
         x = max_pool_same(self.stem(x))
         features = []
         for group in self.stem_groups:
-            x = _run_group(group, x, reuse, owned=not features)  # the max pool's output is a temporary
+            x = group(x)
             features.append(x)
         for i in range(2, 2 + len(BLOCK_SPECS)):
             block = self.blocks[str(i)] if str(i) in self.blocks else None
-            features.append(block(features, reuse) if block is not None else None)
-        return {  # contiguous (NCHW), whatever the layout inside
-            f"p{level}": self.endpoints[f"p{level}"](features[self._endpoint_block[level]]).contiguous()
+            features.append(block(features) if block is not None else None)
+        return {
+            f"p{level}": self.endpoints[f"p{level}"](features[self._endpoint_block[level]])
             for level in self._out_levels
         }
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-from .folded_conv_norm import FoldedConvNorm, _has_hooks, _inference
 from .hourglass import conv_norm_relu
 
 __all__ = ["check_input_size", "same_padding", "Conv2dSame", "max_pool_same", "ConvNorm", "ResidualUnit"]
@@ -76,19 +75,13 @@ def max_pool_same(x):
     return F.max_pool2d(x, 3, 2, padding=(top, left), ceil_mode=True)
 
 
-class ConvNorm(FoldedConvNorm):
+class ConvNorm(nn.Sequential):
     """Conv (no bias, TF's 'SAME' padding) + norm (+ ReLU): the reference's
-    conv/BN/activation triple. Inference folds the BatchNorm into the conv and runs it,
-    with the ReLU and a block's residual add, as one oneDNN op: see
-    :class:`~deepmac_d2.modeling.folded_conv_norm.FoldedConvNorm`.
-    """
+    conv/BN/activation triple."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True, norm="BN"):
         conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
         super().__init__(*conv_norm_relu(conv, norm, BN_EPS, BN_MOMENTUM, relu))
-
-    def pad(self, x, conv):
-        return conv.pad_same(x)
 
 
 class ResidualUnit(nn.Module):
@@ -104,18 +97,8 @@ class ResidualUnit(nn.Module):
         self.branch = branch
         self.drop_rate = drop_rate
 
-    def forward(self, x, reuse=False, owned=False):
-        """``reuse`` (inference only, nothing hooked:
-        :func:`~deepmac_d2.modeling.folded_conv_norm._hook_free`): the output may overwrite
-        the projection shortcut's, or ``x`` if ``owned`` (a temporary the caller no longer
-        needs)."""
+    def forward(self, x):
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        if _inference(self) and not _has_hooks(self.branch):
-            # No drop in eval; the branch's last conv adds the shortcut and applies the ReLU.
-            *layers, last = self.branch
-            for layer in layers:
-                x = layer(x)
-            return last(x, residual=shortcut, inplace=reuse and (owned or self.shortcut is not None))
         # Per-sample drop of the residual branch, scaled by 1 / keep-rate; identity in eval.
         y = stochastic_depth(self.branch(x), self.drop_rate, "row", self.training)
         return F.relu_(y + shortcut)

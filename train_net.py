@@ -7,6 +7,7 @@
 """
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
@@ -36,6 +37,12 @@ def argument_parser():
         "--accelerator", choices=ACCELERATORS, default=None,
         help="where to train; default: DEEPMAC.ACCELERATOR of the config ('auto': CUDA, else XLA "
         "if PJRT_DEVICE is set, else CPU)",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
+        help="how long a process of a multi-process job waits to join the others at --dist-url, "
+        "and then in any collective, before it fails (default: Detectron2's, 30 min); "
+        "--num-gpus N runs N processes per machine, on CPU too with --accelerator cpu",
     )
     return parser
 

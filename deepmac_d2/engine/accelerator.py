@@ -1,19 +1,18 @@
-"""Pick the accelerator and start one training process per device on it.
+"""Pick the accelerator and start the training processes on it.
 
-CUDA goes through Detectron2's own ``launch`` (DDP, one process per GPU), CPU
-runs in this process, and XLA (TPU) through ``torch_xla.launch``, which starts
-one process per local device the way torch-xla wants. The entry point stays
-the same ``main(args)`` on all three.
+CUDA goes through Detectron2's own ``launch`` (DDP, one process per GPU), CPU through
+the same ``launch`` or its gloo counterpart (:mod:`.distributed`, ``--num-gpus`` processes),
+and XLA (TPU) through ``torch_xla.launch``, which starts one process per local device
+the way torch-xla wants. The entry point stays the same ``main(args)`` on all three.
 """
 import importlib.util
-import logging
 import os
 
 import torch
-from detectron2.engine import launch as detectron2_launch
+
+from .distributed import check_process_request, launch_processes
 
 ACCELERATORS = ("auto", "cuda", "cpu", "xla")
-logger = logging.getLogger(__name__)
 
 
 def xla_available():
@@ -47,28 +46,22 @@ def resolve_accelerator(name):
 
 
 def launch(main_func, args, accelerator):
-    """Run ``main_func(args)`` once per device of ``accelerator`` (already resolved)."""
+    """Run ``main_func(args)`` once per process of ``accelerator`` (already resolved).
+
+    CUDA and CPU: ``--num-gpus`` processes per machine (:mod:`.distributed`). XLA: as many
+    as ``torch_xla.launch`` finds devices.
+    """
     if accelerator == "xla":
+        check_process_request(args, accelerator)
         os.environ.setdefault("PJRT_DEVICE", "TPU")
         import torch_xla
 
-        # torch_xla.launch calls fn(index, *args): drop the index, each process
-        # finds its own device through torch_xla.device().
         torch_xla.launch(_xla_entry, args=(main_func, args))
-    elif accelerator == "cuda":
-        detectron2_launch(
-            main_func,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
     else:
-        if args.num_gpus > 1 or args.num_machines > 1:
-            logger.warning("--num-gpus/--num-machines are ignored on CPU: training in one process.")
-        main_func(args)
+        launch_processes(main_func, args, accelerator)
 
 
 def _xla_entry(index, main_func, args):
+    # torch_xla.launch calls fn(index, *args): each process finds its own device
+    # through torch_xla.device(), so the index is not needed.
     main_func(args)

@@ -8,12 +8,14 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.utils import comm
 
 from ..config import add_deepmac_config
 from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_dependencies
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
+from .distributed import check_sync_bn, ddp_without_device_ids, log_batch_share
 from .speedups import check_speedup_config, compile_model, inference_model
 
 # Under "detectron2": default_setup gives that logger the terminal and log.txt.
@@ -28,7 +30,9 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with ddp_without_device_ids(cfg.MODEL.DEVICE):  # CPU/XLA processes: no device ids
+            super().__init__(cfg)
+        check_sync_bn(cfg, self._trainer.model)  # before the first step, on the layers built
         if cfg.DEEPMAC.ACCELERATOR == "xla":
             from .xla import XLACheckpointer, XLASimpleTrainer
 
@@ -70,9 +74,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(
+        loader = build_detection_train_loader(
             cfg, mapper=InstanceMaskDatasetMapper(cfg, is_train=True), dataset=training_dataset_dicts(cfg)
         )
+        return log_batch_share(loader, cfg.SOLVER.IMS_PER_BATCH) if comm.get_world_size() > 1 else loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -3,6 +3,7 @@
 
     python train_net.py --config-file configs/voc_r50_hg52.yaml --num-gpus 8
     python train_net.py --config-file configs/voc_r50_hg52.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python train_net.py --config-file C --dataset mine_train=train.json:images DATASETS.TRAIN '("mine_train",)'
     PJRT_DEVICE=TPU python train_net.py --config-file configs/voc_r50_hg52.yaml --accelerator xla
 """
 from detectron2.checkpoint import DetectionCheckpointer
@@ -43,6 +44,11 @@ def argument_parser():
         help="how long a process of a multi-process job waits to join the others at --dist-url, "
         "and then in any collective, before it fails (default: Detectron2's, 30 min); "
         "--num-gpus N runs N processes per machine, on CPU too with --accelerator cpu",
+    )
+    parser.add_argument(
+        "--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_DIR",
+        help="register a COCO-format json and its image folder as dataset NAME, for DATASETS.TRAIN "
+        "or DATASETS.TEST to name (repeatable; appended to DATASETS.COCO_FILES); before the KEY VALUE pairs",
     )
     return parser
 

@@ -118,7 +118,13 @@ def add_deepmac_config(cfg):
     # Named class subsets to report AP on, besides all classes, as "segm/<name>" etc.:
     # each entry is a preset ("voc", "nonvoc") or "name:id1,id2,..." with dataset
     # category ids, e.g. ["nonvoc", "seen:1,2,3"]. Used by build_subset_evaluator.
+    # Class names of the first DATASETS.TEST dataset work too ("seen:cat,dog"), as in
+    # ALLOWED_CLASS_IDS (of the first DATASETS.TRAIN one): setup() makes them ids.
     cfg.DATASETS.EVAL_CLASS_SUBSETS = []
+    # COCO-format datasets that setup() registers (register_coco_instances), for
+    # DATASETS.TRAIN / TEST to name: "NAME=JSON:IMAGE_DIR" strings, e.g.
+    # ["mine_train=data/train.json:data/images"]. train_net.py's --dataset appends here.
+    cfg.DATASETS.COCO_FILES = []
 
     # Standard speed-ups, off by default (docs/performance.md has what each gains):
     # torch.compile of "none", "mask_head" (the ROI mask head) or "model" (the whole model),

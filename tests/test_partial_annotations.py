@@ -140,8 +140,12 @@ def test_masks_for_parsing_and_bad_ids():
     with pytest.raises(ValueError) as err:
         parse_masks_for("1,5,7", CATEGORIES)
     assert "[5, 7]" in str(err.value) and "[1, 3, 11, 13]" in str(err.value)
-    with pytest.raises(ValueError, match=r"'seen' is neither a category id nor a preset \(nonvoc, voc\)"):
+    with pytest.raises(ValueError, match=r"'seen' is neither a category id, a class name of the json "
+                       r"\(.+\) nor a preset \(nonvoc, voc\)"):
         parse_masks_for("seen", CATEGORIES)
+    # Class names, alone or mixed with ids: the json's own.
+    assert parse_masks_for("arrow,ellipse", shapes) == [1, 8]
+    assert parse_masks_for("hexagon, 8", shapes) == [2, 8]
     assert parse_masks_for("seen", shapes, presets={"seen": [2]}) == [2]
     with pytest.raises(ValueError, match="must be in"):
         make_partial_annotations(coco_fixture(), None, drop_mask_fraction=1.5)

@@ -32,7 +32,7 @@ def parse_args(argv=None):
         "--masks-for",
         metavar="SPEC",
         help="classes that keep their masks: 'voc', 'nonvoc' (COCO's splits), category ids "
-        "'1,2,3', or a mix 'voc,11' (default: every class)",
+        "'1,2,3', class names 'cat,dog', or a mix 'voc,11' (default: every class)",
     )
     p.add_argument(
         "--drop-mask-fraction",

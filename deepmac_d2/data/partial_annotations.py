@@ -46,8 +46,9 @@ def parse_masks_for(
     presets: Optional[Mapping[str, Sequence[int]]] = None,
     option: str = "--masks-for",
 ) -> List[int]:
-    """Parse ``--masks-for`` (``"voc"``, ``"nonvoc"``, ``"1,2,3"`` or a mix like ``"voc,11"``)
-    into sorted category ids of the json whose ``categories`` are given.
+    """Parse ``--masks-for`` (``"voc"``, ``"nonvoc"``, ``"1,2,3"``, class names ``"cat,dog"``
+    or a mix like ``"voc,11"``) into sorted category ids of the json whose ``categories``
+    are given.
 
     An id given by number must be in the json. A preset counts with those of its ids the
     json has (a COCO subset may hold only some VOC classes), at least one; the COCO presets
@@ -68,10 +69,14 @@ def parse_masks_for(
             ids.add(int(item))
             continue
         if item.lower() not in presets:
-            raise ValueError(
-                f"{option}: {item!r} is neither a category id nor a preset "
-                f"({', '.join(sorted(presets))})"
-            )
+            by_name = [i for i in known if names[i] == item]
+            if not by_name:
+                raise ValueError(
+                    f"{option}: {item!r} is neither a category id, a class name of the json "
+                    f"({', '.join(sorted(names.values()))}) nor a preset ({', '.join(sorted(presets))})"
+                )
+            ids.update(by_name)
+            continue
         found = set(int(i) for i in presets[item.lower()]) & set(known)
         if not found:
             raise ValueError(

@@ -12,6 +12,8 @@ from detectron2.utils import comm
 
 from ..config import add_deepmac_config
 from ..data import InstanceMaskDatasetMapper, check_dataset_files, check_mapper_dependencies
+from ..data.class_names import resolve_class_names
+from ..data.coco_files import check_num_classes, register_coco_files
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
@@ -117,6 +119,9 @@ def load_config(args):
         _merge_with_hint(lambda: cfg.merge_from_file(args.config_file), args.config_file, keys)
     _merge_with_hint(lambda: cfg.merge_from_list(args.opts), "command-line override", keys)
     return cfg
+    # train_net.py's --dataset NAME=JSON:IMAGE_DIR: kept in the config, so that the copy
+    # default_setup saves in OUTPUT_DIR registers the same data for --eval-only and predict.
+    cfg.DATASETS.COCO_FILES = list(cfg.DATASETS.COCO_FILES) + list(getattr(args, "dataset", None) or [])
 
 
 def requested_accelerator(args):
@@ -152,3 +157,5 @@ def setup(args, check_datasets=True):
     if check_datasets:
         check_dataset_files(cfg)
     return cfg
+    check_num_classes(cfg, register_coco_files(cfg))
+    resolve_class_names(cfg)

@@ -210,7 +210,8 @@ def _bad_inputs(tmp_path, own_json):
         (f"a={tmp_path}/list.json:{images}", ValueError, ["list.json is not a COCO instances json"]),
         (f"a={tmp_path}/no_categories.json:{images}", ValueError, ["no_categories.json", "it has no categories"]),
         (f"a={tmp_path}/bad_category.json:{images}", ValueError, ["bad_category.json", "{'id': 1}"]),
-        (f"coco_2017_train={own_json}:{images}", ValueError, ["'coco_2017_train' is already registered", "another NAME"]),
+        (f"coco_2017_train={own_json}:{images}", ValueError,
+         ["'coco_2017_train' is already registered", "another NAME"]),
         (f"{own_json}:{images}", ValueError, ["is not NAME=JSON:IMAGE_DIR"]),
     ]
 

@@ -118,7 +118,6 @@ def load_config(args):
     if args.config_file:
         _merge_with_hint(lambda: cfg.merge_from_file(args.config_file), args.config_file, keys)
     _merge_with_hint(lambda: cfg.merge_from_list(args.opts), "command-line override", keys)
-    return cfg
     # train_net.py's --dataset NAME=JSON:IMAGE_DIR: kept in the config, so that the copy
     # default_setup saves in OUTPUT_DIR registers the same data for --eval-only and predict.
     cfg.DATASETS.COCO_FILES = list(cfg.DATASETS.COCO_FILES) + list(getattr(args, "dataset", None) or [])
@@ -157,6 +156,8 @@ def setup(args, check_datasets=True):
     then does Detectron2's ``default_setup`` (output dir, logging, seeds).
     """
     cfg = load_config(args)
+    check_num_classes(cfg, register_coco_files(cfg))
+    resolve_class_names(cfg)
     check_mapper_dependencies(cfg)  # a missing package now, not at the first batch
     accelerator = resolve_accelerator(getattr(args, "accelerator", None) or cfg.DEEPMAC.ACCELERATOR)
     cfg.DEEPMAC.ACCELERATOR = accelerator
@@ -172,13 +173,11 @@ def setup(args, check_datasets=True):
     check_speedup_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    if not getattr(args, "eval_only", False):
+        warn_frozen_bn_from_scratch(cfg)
     if accelerator == "cpu":
         logger.info("CPU threads: %d (docs/performance.md: settings that speed up CPU training)",
                     torch.get_num_threads())
-    if not getattr(args, "eval_only", False):
-        warn_frozen_bn_from_scratch(cfg)
     if check_datasets:
         check_dataset_files(cfg)
     return cfg
-    check_num_classes(cfg, register_coco_files(cfg))
-    resolve_class_names(cfg)

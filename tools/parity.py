@@ -21,10 +21,9 @@ of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 
 (as it trains) in a worker process (``tools/parity_tf.py --speed-worker``); the two
 sides' runs alternate, so load from other processes falls on both; each row gives
 the median and the minimum wall time of ``--speed-repeats`` runs, and the median
-process CPU time, which such load inflates less. Both sides run with OpenMP threads that
-sleep between ops and a glibc malloc that keeps freed memory (``MALLOC_SETTINGS``;
-``MALLOC_MMAP_MAX_=65536 MALLOC_TRIM_THRESHOLD_=131072`` for glibc's defaults), as TF's
-own allocator does.
+process CPU time, which such load inflates less. Our forward rows run the model with its
+BatchNorms folded (``fuse_for_inference``), as the reference's graph folds them; the
+process settings are the caller's (docs/performance.md).
 
     python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
     python tools/parity.py --cases spinenet49,hg52_head
@@ -41,22 +40,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# Our OpenMP threads wait as train_net.py's do (see tools/demo.py): a 10 us spin, then
-# sleep. libgomp's default 3 ms spin keeps the core a partner waits for on a machine
-# shared with other jobs (our 2-thread times rose 3-8x at load 8 on 2 cores). Set before
-# torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import numpy as np
 import torch
 from torch import nn
 
 import deepmac_d2  # noqa: F401  (registers; installs the detectron2._C stand-in)
 from detectron2.layers import ShapeSpec
-from deepmac_d2.engine.cpu_memory import MALLOC_SETTINGS, keep_freed_memory
-from deepmac_d2.engine.cpu_threads import openmp_waiting
-from deepmac_d2.modeling import tf_layers
+from deepmac_d2.modeling import fuse_for_inference, tf_layers
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from deepmac_d2.modeling.mask_head import DeepMaskHead
 from deepmac_d2.modeling.spinenet import SpineNet
@@ -66,13 +56,6 @@ from deepmac_d2.modeling.tf_heads import (
 from detectron2.modeling.box_regression import Box2BoxTransform
 from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights
-
-# glibc's malloc keeping freed memory on both sides, as TF's own allocator does (why:
-# deepmac_d2/engine/cpu_memory.py): mallopt for ours, where the environment does not set
-# it; the environment, read at a process's start, for the reference's worker.
-MALLOC_IN_FORCE = keep_freed_memory()
-for _key, _value in MALLOC_SETTINGS.items():
-    os.environ.setdefault(_key, _value)
 
 ROOT = Path(__file__).resolve().parent.parent
 TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
@@ -336,11 +319,8 @@ def print_table(rows):
 
 def _time_ours(models, x, mode):
     """Wall and process CPU seconds of one forward (eval, no autograd) or
-    forward+backward (train) call. ``models``: the eval model and the train one, two
-    copies, as a model serves or evaluates in eval mode and trains in train mode: a
-    training step changes the moving statistics, and the next inference would fold them
-    into its convs again (:class:`~deepmac_d2.modeling.folded_conv_norm.NormFolding`),
-    a cost once per weight change, which :func:`_fold_cost` measures on its own."""
+    forward+backward (train) call. ``models``: the folded eval model and the train one,
+    two copies, as a model serves in eval mode and trains in train mode."""
     start, cpu = time.perf_counter(), time.process_time()
     if mode == "forward":
         with torch.inference_mode():
@@ -352,26 +332,9 @@ def _time_ours(models, x, mode):
     return seconds
 
 
-def _fold_cost(model, x, repeats):
-    """Median wall and CPU seconds that an inference call after ``train()`` (the folded
-    weights dropped, made again) takes beyond one with them made, alternating."""
-    costs = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            times = []
-            for refold in (True, False):
-                if refold:
-                    model.train().eval()
-                start, cpu = time.perf_counter(), time.process_time()
-                model(x)
-                times.append(np.array([time.perf_counter() - start, time.process_time() - cpu]))
-            costs.append(times[0] - times[1])
-    return np.median(costs, axis=0)
-
-
 def speed(cases, repeats, threads, ref_inter_op):
     """Rows ``(case, input, mode, ours, the reference's)``, each side a list of
-    (wall, CPU) seconds per run, and per case the extra cost of folding (:func:`_fold_cost`)."""
+    (wall, CPU) seconds per run."""
     torch.set_num_threads(threads)
     worker = subprocess.Popen(
         [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads),
@@ -391,7 +354,7 @@ def speed(cases, repeats, threads, ref_inter_op):
             if reference(build=name, shape=SPEED_INPUTS[name]) != "ok":
                 sys.exit(f"the reference's speed worker failed to build {name}")
             model = build_ours(name, stochastic_depth=0.0)
-            models[name] = (model.eval(), copy.deepcopy(model).train())
+            models[name] = (fuse_for_inference(copy.deepcopy(model).eval()), model.train())
             # Contiguous NCHW, as Detectron2's ROIAlign and image batches give.
             inputs[name] = to_ours(name, rng.standard_normal(SPEED_INPUTS[name]).astype(np.float32)).contiguous()
             for mode in SPEED_MODES:  # warm-up: allocator, oneDNN primitives
@@ -404,23 +367,22 @@ def speed(cases, repeats, threads, ref_inter_op):
                     for side in ((0, 1) if round_ % 2 == 0 else (1, 0)):
                         runs[side].append(_time_ours(models[name], inputs[name], mode) if side == 0
                                           else tuple(map(float, reference(time=name, mode=mode).split())))
-        folds = {name: _fold_cost(models[name][0], inputs[name], repeats) for name in cases}
     finally:
         worker.stdin.close()
         worker.wait()
     return [(name, "x".join(map(str, SPEED_INPUTS[name])), mode, *times[name, mode])
-            for name in cases for mode in SPEED_MODES], folds
+            for name in cases for mode in SPEED_MODES]
 
 
 def print_speed_table(cases, repeats, threads, ref_inter_op=None):
     ref_inter_op = ref_inter_op or threads
     load_before = os.getloadavg()[0]
-    rows, folds = speed(cases, repeats, threads, ref_inter_op)
+    rows = speed(cases, repeats, threads, ref_inter_op)
     load = load_before, os.getloadavg()[0]
     tf_threads = ("TF intra- and inter-op" if ref_inter_op == threads
                   else f"TF intra-op; TF inter-op {ref_inter_op}")
     print(f"\nSpeed: float32 on the CPU, {threads} threads each side (torch.set_num_threads; {tf_threads}; "
-          f"{openmp_waiting()}; {MALLOC_IN_FORCE}), ms per call, "
+          "our forward folded), ms per call, "
           f"median / min of {repeats} alternating runs; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after ({os.cpu_count()} CPUs). CPU: the process's CPU time (all its "
           "threads), which other jobs' load inflates less than the wall time.")
@@ -434,9 +396,6 @@ def print_speed_table(cases, repeats, threads, ref_inter_op=None):
         print(f"{name:<13} {shape:<18} {mode:<17} {np.median(ours_wall):>7.0f} /{ours_wall.min():>6.0f} "
               f"{np.median(ref_wall):>7.0f} /{ref_wall.min():>6.0f} {np.median(ours_cpu):>8.0f} "
               f"{np.median(ref_cpu):>8.0f}   " + ", ".join(f"{r:.2f}" for r in ratios))
-    print("Ours, once per weight change (not in the rows above: the forward rows' model keeps its "
-          "weights): the first inference folds the BatchNorms into the convs again, median extra "
-          "wall / CPU ms: " + "; ".join(f"{name} {1e3 * w:.0f} / {1e3 * c:.0f}" for name, (w, c) in folds.items()))
 
 
 def main():

@@ -9,6 +9,7 @@ before any data is loaded, naming the key.
 import copy
 import os
 import shutil
+import types
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -52,19 +53,28 @@ def check_speedup_config(cfg):
 
 
 def compile_model(model, cfg):
-    """``model`` with ``MODEL.COMPILE.TARGET`` compiled in place (``nn.Module.compile``),
-    so its state_dict keys, checkpoints and DDP wrapping stay as they are."""
-    target = cfg.MODEL.COMPILE.TARGET
-    if target != "none":
-        module = model if target == "model" else model.roi_heads.mask_head
-        module.compile(backend=cfg.MODEL.COMPILE.BACKEND, dynamic=cfg.MODEL.COMPILE.DYNAMIC)
+    """``model`` with ``MODEL.COMPILE.TARGET`` compiled in place, so its state_dict keys,
+    checkpoints and DDP wrapping stay as they are.
+
+    "model" compiles the whole forward (``nn.Module.compile``). "mask_head" compiles the
+    head's network, its ``layers`` (Detectron2's mask heads all have one): the loss and
+    the paste of Detectron2's ``Instances`` around it are Python bookkeeping that
+    inductor gains nothing on (and, with dynamic ROI counts, fails to lower). A copy of
+    the model (``copy.deepcopy``) keeps the compiled ``layers``, bound to the copy.
+    """
+    target, options = cfg.MODEL.COMPILE.TARGET, dict(backend=cfg.MODEL.COMPILE.BACKEND,
+                                                      dynamic=cfg.MODEL.COMPILE.DYNAMIC)
+    if target == "model":
+        model.compile(**options)
+    elif target == "mask_head":
+        head = model.roi_heads.mask_head
+        head.layers = types.MethodType(torch.compile(type(head).layers, **options), head)
     return model
 
 
 def inference_model(model, cfg):
     """The model to evaluate: ``model`` itself, or with ``TEST.FUSE`` "conv_bn" an eval
-    copy with its BatchNorms folded (the training model keeps its norms; the copy runs
-    eagerly, as copies drop ``nn.Module.compile``)."""
+    copy with its BatchNorms folded (the training model keeps its norms)."""
     if cfg.TEST.FUSE == "none":
         return model
     if isinstance(model, DistributedDataParallel):

@@ -10,12 +10,11 @@ machine as soon as one raises, and re-raises its error: a failed rank never leav
 others waiting in a collective.
 
 What else CPU and XLA processes need, each used where Detectron2 builds the part:
-:func:`ddp_without_device_ids` for the trainer's ``DistributedDataParallel``,
-:func:`check_sync_bn` on the model it built, :func:`log_batch_share` on the train loader.
+:func:`ddp_without_device_ids` for the trainer's ``DistributedDataParallel`` (with
+:func:`check_sync_bn` on the model it wraps), :func:`log_batch_share` on the train loader.
 """
 import contextlib
 import datetime
-import functools
 import logging
 import socket
 
@@ -147,7 +146,7 @@ def create_local_process_group(num_per_machine):
 
 
 @contextlib.contextmanager
-def ddp_without_device_ids(device):
+def ddp_without_device_ids(cfg):
     """While Detectron2's ``DefaultTrainer`` is built, wrap CPU/XLA models with ``device_ids=None``.
 
     ``DefaultTrainer.__init__`` calls ``create_ddp_model(model, broadcast_buffers=False)``,
@@ -155,14 +154,19 @@ def ddp_without_device_ids(device):
     a CPU module (the error of Detectron2 issue #5146) and an XLA process has one device,
     its default. Detectron2 offers no setting or hook for it, so the module-level name
     that ``DefaultTrainer.__init__`` looks up is pointed at ``create_ddp_model`` with
-    ``device_ids=None`` for the constructor's duration and restored after. CUDA, and one
-    process (no DDP), are left alone.
+    ``device_ids=None`` for the constructor's duration and restored after; the model is
+    checked by :func:`check_sync_bn` first. CUDA, and one process (no DDP), are left alone.
     """
-    if torch.device(device).type == "cuda" or comm.get_world_size() == 1:
+    if cfg.MODEL.DEVICE.startswith("cuda") or comm.get_world_size() == 1:
         yield
         return
     original = detectron2_defaults.create_ddp_model
-    detectron2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+
+    def create_ddp_model(model, **kwargs):
+        check_sync_bn(cfg, model)
+        return original(model, device_ids=None, **kwargs)
+
+    detectron2_defaults.create_ddp_model = create_ddp_model
     try:
         yield
     finally:
@@ -170,18 +174,16 @@ def ddp_without_device_ids(device):
 
 
 def check_sync_bn(cfg, model):
-    """Refuse ``torch.nn.SyncBatchNorm`` layers in CPU/XLA training of several processes.
+    """Refuse ``torch.nn.SyncBatchNorm`` layers in CPU/XLA training, naming the config keys.
 
-    Detectron2's ``SyncBN`` is ``torch.nn.SyncBatchNorm``, which in a process group
-    accepts GPU inputs only and raises at the first training forward, after the data
-    has loaded. Alone, a process has no group and our layers build plain BatchNorm, so
-    one CPU process trains these configs; evaluation never synchronises. The layers are
-    looked up in the built model, since the config holds ``SyncBN`` defaults for parts a
-    config may not build (``MODEL.SPINENET.NORM``, ``MODEL.RPN.NORM``); the error names
-    every key set to it.
+    Detectron2's ``SyncBN`` is ``torch.nn.SyncBatchNorm``, which PyTorch's DDP refuses
+    in a CPU module ("SyncBatchNorm layers only work with GPU modules", with no word of
+    the config). Alone, a process has no DDP and our layers build plain BatchNorm, so one
+    CPU process trains these configs; evaluation never synchronises. The layers are
+    looked up in the model, since the config holds ``SyncBN`` defaults for parts a config
+    may not build (``MODEL.SPINENET.NORM``, ``MODEL.RPN.NORM``); the error names every key
+    set to it.
     """
-    if cfg.MODEL.DEVICE.startswith("cuda") or comm.get_world_size() == 1:
-        return
     layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     if not layers:
         return

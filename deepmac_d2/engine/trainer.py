@@ -17,7 +17,7 @@ from ..data.coco_files import check_num_classes, register_coco_files
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
 from .accelerator import resolve_accelerator
-from .distributed import check_sync_bn, ddp_without_device_ids, log_batch_share
+from .distributed import ddp_without_device_ids, log_batch_share
 from .speedups import check_speedup_config, compile_model, inference_model
 
 # Under "detectron2": default_setup gives that logger the terminal and log.txt.
@@ -32,9 +32,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        with ddp_without_device_ids(cfg.MODEL.DEVICE):  # CPU/XLA processes: no device ids
+        with ddp_without_device_ids(cfg):  # CPU/XLA processes: no device ids, no SyncBatchNorm
             super().__init__(cfg)
-        check_sync_bn(cfg, self._trainer.model)  # before the first step, on the layers built
         if cfg.DEEPMAC.ACCELERATOR == "xla":
             from .xla import XLACheckpointer, XLASimpleTrainer
 

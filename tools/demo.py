@@ -21,34 +21,54 @@
 Trailing KEY VALUE pairs override the config, as in train_net.py.
 """
 import argparse
+import contextlib
 import copy
+import io
 import json
+import logging
 import math
 import os
+import re
 import sys
 import time
+import warnings
 
-import numpy as np
-import pycocotools.mask
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.structures import BoxMode
-from detectron2.utils.visualizer import Visualizer
-from PIL import Image, ImageDraw
-
-import deepmac_d2  # noqa: F401  (registers heads, ROI heads, datasets)
-from deepmac_d2.box_masks import BoxMaskPredictor
-from deepmac_d2.data.synthetic import (
-    NOVEL_CLASSES,
-    SEEN_CLASSES,
-    default_root,
-    prepare_synthetic,
-    register_synthetic,
+# Third-party warnings known to be harmless here, as (category, message, file that raises
+# it) patterns: route_warnings() writes them to the log file instead of the terminal.
+HARMLESS_WARNINGS = (
+    # Detectron2 v0.6 scripts a few functions at import; torch deprecates torch.jit.script.
+    (FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch/jit/_script\.py$"),
+    # Detectron2 v0.6's mask targets: tensors from read-only arrays, copied by torch.stack.
+    (UserWarning, r"The given NumPy array is not writable", r"detectron2/data/detection_utils\.py$"),
+    # Detectron2 v0.6's anchors: torch.meshgrid without indexing=, whose default "ij" it means.
+    (UserWarning, r"torch\.meshgrid: in an upcoming release", r"torch/functional\.py$"),
 )
-from deepmac_d2.engine import Trainer
-from deepmac_d2.engine.console import metric, quiet_setup
-from deepmac_d2.evaluation import given_box_mask_iou
+
+# Those raised while torch and Detectron2 load, before log.txt exists: main() replays them
+# through route_warnings()'s filter once it does.
+with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
+    import numpy as np
+    import pycocotools.mask
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.structures import BoxMode
+    from detectron2.utils.visualizer import Visualizer
+    from PIL import Image, ImageDraw
+
+    import deepmac_d2  # noqa: F401  (registers heads, ROI heads, datasets)
+    from deepmac_d2.box_masks import BoxMaskPredictor
+    from deepmac_d2.data.synthetic import (
+        NOVEL_CLASSES,
+        SEEN_CLASSES,
+        default_root,
+        prepare_synthetic,
+        register_synthetic,
+    )
+    from deepmac_d2.engine import Trainer
+    from deepmac_d2.engine.console import metric, quiet_setup
+    from deepmac_d2.evaluation import given_box_mask_iou
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo_synthetic_hg20.yaml")
@@ -243,10 +263,63 @@ def print_table(s):
           f"{s['filled_box_seen_IoU']:.3f} on seen instances)")
 
 
+# Under "detectron2", not among console.TERMINAL_LOGGERS: its INFO lines go to log.txt only.
+log = logging.getLogger("detectron2.deepmac_d2.demo")
+
+
+def is_harmless(message, category, filename):
+    path = filename.replace(os.sep, "/")
+    return any(issubclass(category, c) and re.search(m, str(message)) and re.search(f, path)
+               for c, m, f in HARMLESS_WARNINGS)
+
+
+def route_warnings():
+    """In this process: the HARMLESS_WARNINGS and torch's "No CUDA runtime is found" note
+    (logged when Detectron2 collects the environment) go to the log file; every other
+    warning still shows on the terminal."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if is_harmless(message, category, filename):
+            text = warnings.formatwarning(message, category, filename, lineno, line)
+            log.info("Known-harmless warning: " + text.strip())
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+    def no_cuda_note(record):
+        if record.getMessage().startswith("No CUDA runtime is found"):
+            log.info(record.getMessage())
+            return False
+        return True
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(no_cuda_note)
+
+
+class LinesToLog(io.TextIOBase):
+    """A text stream whose lines become log.txt lines: for what pycocotools prints while
+    Detectron2's COCOEvaluator runs (COCOeval's progress and its 12-line summary, which
+    Detectron2 logs again as a table)."""
+
+    def __init__(self):
+        self._pending = ""
+
+    def write(self, text):
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                log.info(line)
+        return len(text)
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_data(args)
+    route_warnings()
     cfg = quiet_setup(args)
+    for w in IMPORT_WARNINGS:  # now that log.txt exists
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     print(f"[demo] training {cfg.SOLVER.MAX_ITER} iterations into {cfg.OUTPUT_DIR} "
           f"(full log: {os.path.join(cfg.OUTPUT_DIR, 'log.txt')})", flush=True)
     trainer = Trainer(cfg)
@@ -254,7 +327,8 @@ def main(argv=None):
     model = trainer.model
     initial_head = copy.deepcopy(model.roi_heads.mask_head.state_dict())
     start = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(LinesToLog()):  # Detectron2's terminal handler keeps the real stdout
+        trainer.train()
     # Detectron2's EvalHook evaluates after the last iteration (TEST.EVAL_PERIOD 0) and
     # leaves the results here; train() returns them only with TEST.EXPECTED_RESULTS.
     trained = trainer._last_eval_results
@@ -265,10 +339,12 @@ def main(argv=None):
     print("[demo] the same detector with the mask head at iteration 0:", flush=True)
     model.roi_heads.mask_head.load_state_dict(initial_head)
     start = time.perf_counter()
-    untrained = evaluate(cfg, model, "inference_untrained_head")
+    with contextlib.redirect_stdout(LinesToLog()):
+        untrained = evaluate(cfg, model, "inference_untrained_head")
     ious["untrained"] = head_iou(cfg, model)
     seconds["baseline"] = time.perf_counter() - start
 
+    print(f"[demo] drawing novel-class instances of {args.pictures} val images ...", flush=True)
     pictures = draw_pictures(cfg, model, [trained_head, initial_head], args.pictures)
     model.roi_heads.mask_head.load_state_dict(trained_head)
     summary = summarize(trained, untrained, ious, seconds, cfg)

@@ -170,3 +170,28 @@ def test_train_net_takes_a_mask_rcnn_step_on_xla(tmp_path, synthetic_root):
     ckpt = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
     assert any(k.startswith("roi_heads.mask_head.convnet") for k in ckpt["model"])
+
+
+def _train_net_xla(tmp_path, synthetic_root, extra_env, extra_args):
+    env = dict(os.environ, DEEPMAC_SYNTHETIC_ROOT=synthetic_root, PJRT_DEVICE="CPU", **extra_env)
+    log = tmp_path / "log"
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", CONFIG,
+           "--accelerator", "xla"] + extra_args + tiny_opts(str(tmp_path / "out"), max_iter=1, period=1)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                          timeout=300)
+    return proc.returncode, log.read_text()
+
+
+def test_train_net_refuses_num_gpus_on_xla_with_the_torch_xla_way(tmp_path, synthetic_root):
+    rc, text = _train_net_xla(tmp_path, synthetic_root, {}, ["--num-gpus", "2"])
+    assert rc != 0 and "--num-gpus 2" in text and "torch_xla.launch starts one process per XLA device" in text
+    assert "PJRT_DEVICE=TPU" in text and "Starting training" not in text
+
+
+def test_train_net_refuses_xla_devices_run_as_threads_of_one_process(tmp_path, synthetic_root):
+    """PJRT_DEVICE=CPU with CPU_NUM_DEVICES=2, torch-xla 2.9's emulation of two devices, runs
+    the training function in two threads of one process: refused before a model is built."""
+    rc, text = _train_net_xla(tmp_path, synthetic_root, {"CPU_NUM_DEVICES": "2"}, [])
+    assert rc != 0, text[-3000:]
+    assert "runs the 2 XLA devices of this process as threads of one process" in text, text[-3000:]
+    assert "--accelerator cpu --num-gpus N" in text and "Starting training" not in text

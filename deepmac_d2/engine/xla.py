@@ -43,7 +43,24 @@ _FP32_OPS.impl("roi_align", _roi_align_fp32, "AutocastXLA")
 
 
 def init_xla_process():
-    """Join this process's XLA device to the job; return the device name for MODEL.DEVICE."""
+    """Join this process's XLA device to the job; return the device name for MODEL.DEVICE.
+
+    Refuses a process that holds several devices: torch-xla then runs the training
+    function once per device as threads of this process (TPU v2/v3's two cores per
+    process; PJRT_DEVICE=CPU with CPU_NUM_DEVICES > 1, its only way to emulate several
+    devices on a CPU), and Detectron2 keeps per-process state that threads would share:
+    the torch.distributed group ``comm`` reads, the event storage, the loggers.
+    """
+    devices = xr.addressable_device_count()
+    if devices > 1:
+        raise RuntimeError(
+            f"torch-xla runs the {devices} XLA devices of this process as threads of one process "
+            f"(PJRT_DEVICE={xr.device_type()}), and Detectron2's trainer needs one process per "
+            "device (one torch.distributed rank each), as torch-xla gives on TPU v4 and later. "
+            "On a CPU, torch-xla 2.9 emulates several devices only as threads (CPU_NUM_DEVICES): "
+            "unset CPU_NUM_DEVICES for one XLA process, or train several CPU processes with "
+            "--accelerator cpu --num-gpus N."
+        )
     if xr.world_size() > 1 and not dist.is_initialized():
         from torch_xla.distributed import xla_backend  # noqa: F401  (registers the "xla" backend)
 

@@ -157,10 +157,10 @@ def timed(run):
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure(variants, repeats, warmup):
+def measure(cases, variants, repeats, warmup):
     """{case: {variant: [(wall, cpu), ...]}}, the variants alternating in each round."""
     results = {}
-    for case in CASES:
+    for case in cases:
         runs = {}
         for variant in variants:
             try:
@@ -179,7 +179,7 @@ def measure(variants, repeats, warmup):
     return results
 
 
-def fast_paths(ref, threads, repeats, warmup):
+def fast_paths(ref, cases, threads, repeats, warmup):
     """The ``plain`` variant of this script, run on the package as it was at ``ref``."""
     folder = tempfile.mkdtemp(prefix="deepmac_fast_paths_")
     archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "deepmac_d2", "configs"],
@@ -189,6 +189,7 @@ def fast_paths(ref, threads, repeats, warmup):
     env = dict(os.environ, PYTHONPATH=folder)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(threads),
                           "--repeats", str(repeats), "--warmup", str(warmup), "--variants", "plain",
+                          "--cases", ",".join(cases),
                           "--root", folder, "--json"], env=env, check=True, capture_output=True, text=True)
     return {case: {"fast paths": v["plain"]} for case, v in json.loads(out.stdout).items()}
 
@@ -207,6 +208,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default="plain,fused,compile")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
     ap.add_argument("--fast-paths-ref", help="git revision with the CPU fast paths, e.g. 1c5cddc")
     ap.add_argument("--root", help=argparse.SUPPRESS)  # the extracted revision's configs
     ap.add_argument("--json", action="store_true", help="print the raw times as json")
@@ -216,12 +218,13 @@ def main():
     import deepmac_d2  # noqa: F401  (registers the heads)
 
     load = os.getloadavg()[0]
-    results = measure(args.variants.split(","), args.repeats, args.warmup)
+    cases = args.cases.split(",")
+    results = measure(cases, args.variants.split(","), args.repeats, args.warmup)
     if args.json:
         print(json.dumps(results))
         return
     if args.fast_paths_ref:
-        for case, row in fast_paths(args.fast_paths_ref, args.threads, args.repeats, args.warmup).items():
+        for case, row in fast_paths(args.fast_paths_ref, cases, args.threads, args.repeats, args.warmup).items():
             results[case] = dict(row, **results[case])
     variants = (["fast paths"] if args.fast_paths_ref else []) + args.variants.split(",")
     print(f"CPU, float32, {args.threads} threads, torch {torch.__version__}; ms per call, median wall "
@@ -229,7 +232,7 @@ def main():
           f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs)\n")
     print("| case | " + " | ".join(variants) + " |")
     print("|---|" + "---|" * len(variants))
-    for case in CASES:
+    for case in cases:
         row = results.get(case, {})
         print(f"| {case} | " + " | ".join(cell(row[v]) if v in row else "n/a" for v in variants) + " |")
 

@@ -3,7 +3,7 @@
 Prints one markdown table: Detectron2's stock ``MaskRCNNConvUpsampleHead`` (the
 baseline) and every ``DeepMaskHead`` variant, class-agnostic, on 256-channel ROI
 features. FLOPs are fvcore's count (one multiply-add = one flop); the conv part
-is set against the TF reference's conv MACs (shared/reference/tf_mask_head_params.md),
+is set against the TF reference's conv MACs (docs/reference/tf_mask_head_params.md),
 where the reference has a figure. Times are the fastest of ``--repeats``
 forward+backward passes over a batch of ROIs, after ``--warmup`` untimed ones.
 

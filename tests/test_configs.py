@@ -28,7 +28,7 @@ CONFIGS = sorted(
 SPLIT_CONFIGS = [c for c in CONFIGS if c != "Base-DeepMAC.yaml"]
 
 # Trainable parameters of the reference's mask head, measured on the TF Model Garden head
-# (shared/reference/tf_mask_head_params.md, class-agnostic rows).
+# (docs/reference/tf_mask_head_params.md, class-agnostic rows).
 TF_MASK_HEAD_PARAMS = {("default", 256): 2_625_537, ("hourglass52", 64): 23_606_145}
 
 

@@ -1,6 +1,6 @@
 """The Hourglass network against the TF Object Detection API's figures and hand-worked cases.
 
-The figures come from building the TF reference (shared/reference/tf_mask_head_params.md):
+The figures come from building the TF reference (docs/reference/tf_mask_head_params.md):
 Hourglass-52 with n = 64 on 256-channel ROI features; trainable = weights + BN gamma/beta.
 """
 import math

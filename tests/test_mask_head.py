@@ -1,6 +1,6 @@
 """DeepMaskHead: parity with the TF reference's figures, Detectron2 integration, edge cases.
 
-TF figures: shared/reference/tf_mask_head_params.md (TF Model Garden DeepMaskHead on
+TF figures: docs/reference/tf_mask_head_params.md (TF Model Garden DeepMaskHead on
 256-channel ROI features, 91 classes when class-specific). They are hard-coded here
 as the independent check; our counts must equal them.
 """

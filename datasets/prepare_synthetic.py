@@ -123,7 +123,7 @@ def save_preview(out, path, count, scale=3, columns=4):
         rows += [np.hstack(tops), np.hstack(bottoms)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    # A 256-colour palette keeps the preview small enough to commit (docs/synthetic_preview.png).
+    # A 256-colour palette keeps the preview small enough to commit (docs/figures/synthetic_preview.png).
     Image.fromarray(np.vstack(rows)).quantize(256).save(path)
 
 

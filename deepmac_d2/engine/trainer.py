@@ -16,6 +16,7 @@ from ..data.class_names import resolve_class_names
 from ..data.coco_files import check_num_classes, register_coco_files
 from ..data.training_data import training_dataset_dicts
 from ..evaluation import build_subset_evaluator
+from ..modeling.weak_losses import check_weak_config
 from .accelerator import resolve_accelerator
 from .distributed import ddp_without_device_ids, log_batch_share
 from .speedups import check_speedup_config, compile_model, inference_model
@@ -170,6 +171,7 @@ def setup(args, check_datasets=True):
             logger.warning("SOLVER.AMP.ENABLED is CUDA-only; training in fp32 on CPU.")
             cfg.SOLVER.AMP.ENABLED = False
     check_speedup_config(cfg)
+    check_weak_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     if not getattr(args, "eval_only", False):

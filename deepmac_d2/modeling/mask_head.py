@@ -175,20 +175,20 @@ class DeepMaskHead(BaseMaskRCNNHead):
     takes_untrained_rois = True
 
     def forward(self, x, instances):
-        """Detectron2's head forward; in training, if ``instances`` carry ``trains_mask``,
-        every ROI goes through the network (its BatchNorms normalise over all of them,
-        as the reference's over all its boxes) and only the marked ones reach the loss."""
+        """Detectron2's head forward; in training, every ROI goes through the network (its
+        BatchNorms normalise over all of them, as the reference's over all its boxes) and
+        :meth:`loss` takes the ones marked ``trains_mask``."""
         if not self.training:
             return super().forward(x, instances)
-        if instances and instances[0].has("trains_mask"):
-            logits = self.layers(x)
-            keep = torch.cat([i.trains_mask for i in instances])
-            instances = [i[i.trains_mask] for i in instances]
-            return {"loss_mask": self.loss(logits[keep], instances)}
         return {"loss_mask": self.loss(self.layers(x), instances)}
 
     def loss(self, logits, instances):
-        """Detectron2's mask loss (on the reference's soft targets if so configured)."""
+        """Detectron2's mask loss (on the reference's soft targets if so configured), over
+        the ROIs marked ``trains_mask`` if ``instances`` carry the field, else over all.
+        DeepMaskROIHeads also calls it on logits it computed itself (with weak losses)."""
+        if instances and instances[0].has("trains_mask"):
+            logits = logits[torch.cat([i.trains_mask for i in instances])]
+            instances = [i[i.trains_mask] for i in instances]
         if self.soft_targets:
             instances = [_with_soft_masks(i) for i in instances]
         return mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight

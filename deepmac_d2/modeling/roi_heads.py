@@ -5,10 +5,13 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 
 from ..data.class_splits import resolve_class_ids
+from .mask_head import DeepMaskHead
+from .weak_losses import WeakMaskLosses, build_weak_mask_losses
 
 __all__ = ["DeepMaskROIHeads", "allowed_contiguous_class_ids"]
 
@@ -77,6 +80,11 @@ class DeepMaskROIHeads(StandardROIHeads):
     ones only. If a batch keeps no instance, the loss is ``logits.sum() * 0``: zero, yet
     a graph through every mask-head parameter, so DistributedDataParallel finds
     gradients for all of them. Inference is unchanged.
+
+    With ``weak_mask_losses`` (MODEL.ROI_MASK_HEAD.WEAK), the instances it covers
+    (:meth:`weak_training_instances`) also teach the mask head from their boxes alone:
+    their enlarged ROIs join the same pass of the head, and their logits go to the weak
+    losses, the others' to the mask loss as before (:meth:`mask_losses`).
     """
 
     @configurable
@@ -85,6 +93,7 @@ class DeepMaskROIHeads(StandardROIHeads):
         *,
         mask_use_gt_boxes: bool = False,
         mask_allowed_classes: Optional[Sequence[int]] = None,
+        weak_mask_losses: Optional[WeakMaskLosses] = None,
         **kwargs,
     ):
         """
@@ -93,9 +102,15 @@ class DeepMaskROIHeads(StandardROIHeads):
                 rather than on the box branch's sampled foreground proposals.
             mask_allowed_classes: contiguous class ids whose instances train the mask head;
                 None trains it on every class.
+            weak_mask_losses: box projection and pairwise losses for the instances
+                without a mask (or all); None: none.
             kwargs: the arguments of :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
+        if weak_mask_losses is not None and self.mask_on and self.mask_pooler is None:
+            raise ValueError("weak mask losses need the mask head's ROI pooler "
+                             "(MODEL.ROI_MASK_HEAD.POOLER_TYPE is empty)")
+        self.weak_mask_losses = weak_mask_losses if self.mask_on else None
         self.mask_use_gt_boxes = mask_use_gt_boxes
         self.mask_allowed_classes = (
             None if mask_allowed_classes is None else tuple(int(c) for c in mask_allowed_classes)
@@ -149,10 +164,70 @@ class DeepMaskROIHeads(StandardROIHeads):
         proposals = self.label_and_sample_proposals(proposals, targets)
         losses = self._forward_box(features, proposals)
         if self.mask_on:
-            mask_instances = self.mask_training_instances(proposals, targets)
-            losses.update(self._forward_mask(features, mask_instances))
+            losses.update(self.mask_losses(images, features, proposals, targets))
         losses.update(self._forward_keypoint(features, proposals))
         return proposals, losses
+
+    def mask_losses(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: List[Instances],
+    ) -> Dict[str, torch.Tensor]:
+        """The mask branch's training losses, from the sampled ``proposals``.
+
+        Without weak losses: the parent's ``_forward_mask`` on
+        :meth:`mask_training_instances`. With them, one pass of the mask head over the
+        ROIs of both those and :meth:`weak_training_instances`, image by image; the
+        former's logits go to the head's own mask loss (so instances with a mask keep
+        exactly today's loss), the latter's to the weak losses, which add exact zeros
+        connected to the head when no instance is covered.
+        """
+        mask_instances = self.mask_training_instances(proposals, targets)
+        if self.weak_mask_losses is None:
+            return self._forward_mask(features, mask_instances)
+        if not self.mask_use_gt_boxes:  # as the parent's _forward_mask
+            mask_instances, _ = select_foreground_proposals(mask_instances, self.num_classes)
+        weak_instances = self.weak_training_instances(proposals, targets)
+        boxes = [Boxes.cat([m.proposal_boxes, w.proposal_boxes])
+                 for m, w in zip(mask_instances, weak_instances)]
+        pooled = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+        logits = self.mask_head.layers(pooled)
+        is_weak = torch.cat([torch.arange(len(m) + len(w), device=logits.device) >= len(m)
+                             for m, w in zip(mask_instances, weak_instances)])
+        head = self.mask_head
+        if isinstance(head, DeepMaskHead):
+            loss_mask = head.loss(logits[~is_weak], mask_instances)
+        else:  # BaseMaskRCNNHead.forward's loss
+            loss_mask = mask_rcnn_loss(logits[~is_weak], mask_instances, head.vis_period) * head.loss_weight
+        losses = {"loss_mask": loss_mask}
+        losses.update(self.weak_mask_losses(logits[is_weak], weak_instances, images))
+        return losses
+
+    def weak_training_instances(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
+        """Per image, the instances the weak losses cover, with their enlarged ROIs in
+        ``proposal_boxes`` (``WeakMaskLosses.rois``), their ``gt_boxes`` and ``gt_classes``.
+
+        The candidates are those of the mask branch: the GT boxes (``mask_use_gt_boxes``)
+        or the sampled foreground proposals, each with its matched target's box. "no_mask"
+        covers the candidates the mask loss does not take (:meth:`trains_mask` False: no
+        mask, or a class outside ``mask_allowed_classes``), "all" every candidate.
+        """
+        if self.mask_use_gt_boxes:
+            candidates = [Instances(t.image_size, proposal_boxes=t.gt_boxes, **t.get_fields())
+                          for t in targets]
+        else:
+            candidates, _ = select_foreground_proposals(proposals, self.num_classes)
+        out = []
+        for x in candidates:
+            if self.weak_mask_losses.apply_to == "no_mask":
+                x = x[~self.trains_mask(x)]
+            out.append(Instances(x.image_size, gt_boxes=x.gt_boxes, gt_classes=x.gt_classes,
+                                 proposal_boxes=self.weak_mask_losses.rois(x.proposal_boxes)))
+        return out
 
     def mask_training_instances(
         self, proposals: List[Instances], targets: List[Instances]

@@ -43,17 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
 from deepmac_d2.data.synthetic import SPLITS  # noqa: E402
 from deepmac_d2.engine import load_config  # noqa: E402
-from deepmac_d2.engine.frozen_detector import (  # noqa: E402
-    _draw,
-    _global_rng,
-    evaluate_mask_head,
-    frozen_mappers,
-    precise_mask_head_bn,
+from deepmac_d2.engine.frozen_detector import evaluate_mask_head, precise_mask_head_bn  # noqa: E402
+from deepmac_d2.engine.frozen_weak_training import (  # noqa: E402
+    frozen_input_images,
+    train_mask_head_with_images,
 )
 from deepmac_d2.engine.grid import GridRun, mean_ci95, run_grid, spec_config, write_json  # noqa: E402
 from detectron2.modeling import build_roi_heads  # noqa: E402
-from detectron2.structures import ImageList  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
 import head_study  # noqa: E402
 from novel_class_generalization import DEFAULT_CONFIG, class_split, prepare_data  # noqa: E402
 
@@ -98,6 +94,8 @@ def parse_args(argv=None):
     bad = [m for m in args.modes if m not in MODES]
     if bad or "none" not in args.modes:
         p.error(f"--modes: {bad or 'none is missing'}; valid: {', '.join(MODES)}, with none")
+    if args.det_seeds < 1 or args.head_seeds < 1 or max(args.det_seeds, args.head_seeds) < 2:
+        p.error("an interval needs 2 units: --det-seeds >= 2, or 1 with --head-seeds >= 2")
     return args
 
 
@@ -112,53 +110,6 @@ def mode_opts(mode, head_iters):
     for key, value in weak.items():
         opts += [f"MODEL.ROI_MASK_HEAD.WEAK.{key}", str(value)]
     return opts
-
-
-def input_images(cfg, frozen):
-    """The network's input image of every cached training view, normalised as the
-    detector's ``preprocess_image`` does: the pairwise loss reads colours from it. The
-    frozen cache keeps features only; its views (as is, mirrored) are deterministic, so
-    the same mappers give the same images, in the cache's order."""
-    dicts, _ = head_study.cached_images(cfg, {})
-    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN)[:, None, None]
-    std = torch.tensor(cfg.MODEL.PIXEL_STD)[:, None, None]
-    out = [(mapper(d)["image"].float() - mean) / std for d in dicts for mapper in frozen_mappers(cfg, train=True)]
-    sizes = [tuple(x.shape[-2:]) for x in out]
-    if sizes != list(frozen.image_sizes):
-        raise RuntimeError("the training images do not match the frozen cache's views")
-    return out
-
-
-def train_head(roi_heads, frozen, images, *, iterations, ims_per_batch, base_lr, weight_decay,
-               generator, device, warmup_iters=50):
-    """The head study's ``train_mask_head`` (SGD, momentum 0.9, linear warmup, cosine to
-    zero, the same draws) with every mask loss of ``DeepMaskROIHeads.mask_losses``, which
-    needs the input images; Detectron2's storage holds the iteration the pairwise
-    warmup reads. Returns each step's losses by name."""
-    params = [p for p in roi_heads.mask_head.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=weight_decay)
-    roi_heads.train()
-    curves = {}
-    for step in range(iterations):
-        indices = _draw(frozen, ims_per_batch, generator)
-        features, _ = frozen.batch(indices, device)
-        targets = [frozen.targets[i].to(device) for i in indices]
-        proposals = [frozen.proposals[i].to(device) for i in indices]
-        batch_images = ImageList.from_tensors([images[i].to(device) for i in indices])
-        with _global_rng(generator), EventStorage(step):
-            sampled = roi_heads.label_and_sample_proposals(proposals, targets)
-            losses = roi_heads.mask_losses(batch_images, features, sampled, targets)
-        warm = min(1.0, (step + 1) / warmup_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * warm * 0.5 * (1 + math.cos(math.pi * step / iterations))
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        for k, v in losses.items():
-            curves.setdefault(k, []).append(v.item())
-        if not all(math.isfinite(v[-1]) for v in curves.values()):
-            raise FloatingPointError(f"a loss is not finite at step {step}: {losses}")
-    return curves
 
 
 def run_heads(args, det_seed, folder, det_cfg_text, split, log):
@@ -182,15 +133,16 @@ def run_heads(args, det_seed, folder, det_cfg_text, split, log):
                 cfg.merge_from_list(mode_opts(mode, args.head_iters))
                 if frozen is None:
                     frozen = torch.load(os.path.join(folder, head_study.FROZEN_FILE), weights_only=False)
-                    images = input_images(cfg, frozen["train"])
+                    images = frozen_input_images(cfg, head_study.cached_images(cfg, {})[0],
+                                                 frozen["train"])
                 torch.manual_seed(1000 * det_seed + head_seed)
                 roi_heads = build_roi_heads(cfg, head_study._shapes(frozen)).to(args.device)
                 generator = torch.Generator().manual_seed(1000 * det_seed + head_seed)
                 began = time.perf_counter()
-                curves = train_head(roi_heads, frozen["train"], images, iterations=args.head_iters,
-                                    ims_per_batch=args.head_batch, base_lr=args.head_lr,
-                                    weight_decay=cfg.SOLVER.WEIGHT_DECAY, generator=generator,
-                                    device=args.device)
+                curves = train_mask_head_with_images(
+                    roi_heads, frozen["train"], images, iterations=args.head_iters,
+                    ims_per_batch=args.head_batch, base_lr=args.head_lr,
+                    weight_decay=cfg.SOLVER.WEIGHT_DECAY, generator=generator, device=args.device)
                 if args.bn_batches:
                     precise_mask_head_bn(roi_heads, frozen["train"], num_batches=args.bn_batches,
                                          ims_per_batch=args.head_batch, generator=generator,
@@ -215,8 +167,14 @@ def summarise(rows, args):
     """Per (head, mode): means and intervals; per head and weak mode: the paired
     difference to (a) and the fraction of the (a)-(d) gap it closes."""
     def values(head, mode, key):
-        return [[r[key] for r in rows if r["spec"]["head"] == head and r["spec"]["mode"] == mode
-                 and r["spec"]["det_seed"] == d] for d in range(args.det_seeds)]
+        """The metric by independent unit: detector seeds (head seeds nested in them), or
+        head seeds on a single detector (then the interval leaves out the detector's
+        variance). Sorted by seed, so that differences pair runs of the same seeds."""
+        cell = sorted((r for r in rows if r["spec"]["head"] == head and r["spec"]["mode"] == mode),
+                      key=lambda r: (r["spec"]["det_seed"], r["spec"]["head_seed"]))
+        if args.det_seeds == 1:
+            return [[r[key]] for r in cell]
+        return [[r[key] for r in cell if r["spec"]["det_seed"] == d] for d in range(args.det_seeds)]
 
     cells, diffs = [], []
     for head in args.heads:
@@ -263,8 +221,11 @@ def tables(cells, diffs, args):
                      f"{_fmt(e['novel_IoU']['mean'], e['novel_IoU']['ci'], 3)} | {gap('novel_IoU')} | "
                      f"{_fmt(e['novel_mask_AP']['mean'], e['novel_mask_AP']['ci'], 1)} | "
                      f"{gap('novel_mask_AP')} | {_fmt(e['seen_IoU']['mean'], e['seen_IoU']['ci'], 3)} |")
-    lines += ["", f"Mean [95% interval] over {args.det_seeds} frozen detectors x {args.head_seeds} "
-              f"head seed(s) (Student-t on the per-detector means); differences paired by detector "
+    units = (f"{args.det_seeds} frozen detectors x {args.head_seeds} head seed(s) (Student-t on "
+             "the per-detector means)" if args.det_seeds > 1 else
+             f"{args.head_seeds} head seeds on one frozen detector (Student-t over the head seeds; "
+             "the detector's own variance is not in the interval)")
+    lines += ["", f"Mean [95% interval] over {units}; differences paired by detector "
               f"and head seed; gap closed = mean difference to (a) / ((d) - (a)). Each head: "
               f"{args.head_iters} SGD steps of {args.head_batch} images on GT boxes, peak LR "
               f"{args.head_lr}, precise BN over {args.bn_batches} batches; mask AP on each "
@@ -289,7 +250,7 @@ def plot(cells, args, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Weak mask losses for the box-only novel classes: {args.det_seeds} frozen "
-                 "detectors, mean and 95% interval")
+                 f"detector(s) x {args.head_seeds} head seed(s), mean and 95% interval")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -174,6 +174,10 @@ def test_config_trains_and_its_subset_ap_is_cocoeval_with_cat_ids(config, runs, 
     # It trained: finite mask losses on the masked, allowed classes, every iteration.
     mask_losses = [float(v) for v in re.findall(r"loss_mask: ([0-9.e+-]+|nan)", log)]
     assert len(mask_losses) >= 2 and all(np.isfinite(mask_losses)) and max(mask_losses) > 0
+    if config.endswith("_weak.yaml"):  # and the weak losses on the other split's boxes
+        for name in ("loss_mask_projection", "loss_mask_pairwise"):
+            weak = [float(v) for v in re.findall(rf"{name}: ([0-9.e+-]+|nan)", log)]
+            assert len(weak) >= 2 and all(np.isfinite(weak)), name
     results = copypaste_results(log)
     predictions = os.path.join(out, "inference", "coco_2017_val", "coco_instances_results.json")
     with open(predictions) as f:

@@ -11,10 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_roi_heads
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from deepmac_d2.engine import setup
+from deepmac_d2.engine.frozen_detector import train_mask_head
+from deepmac_d2.engine.frozen_weak_training import train_mask_head_with_images
 from deepmac_d2.modeling.mask_head import DeepMaskHead
 from deepmac_d2.modeling.weak_losses import (
     DICE_EPS,
@@ -28,6 +32,7 @@ from deepmac_d2.modeling.weak_losses import (
     pairwise_loss,
     warmup_factor,
 )
+from test_head_study import _rectangle_heads_and_images
 from test_roi_heads import IMAGE, TARGET_BOXES, batch, make_cfg, make_heads
 
 F64_TOL = 1e-12  # relative: float64 sums of <= 10^3 terms of similar magnitude
@@ -459,3 +464,22 @@ def test_apply_to_all_covers_every_instance_and_keeps_the_mask_loss():
     weak = heads.weak_training_instances(proposals, targets)
     assert [len(w) for w in weak] == [2, 1]
     assert isinstance(heads.mask_head, torch.nn.Module) and not isinstance(heads.mask_head, DeepMaskHead)
+
+
+def test_frozen_training_with_images_keeps_the_head_studys_schedule_and_adds_the_weak_terms():
+    cfg, roi_heads, frozen = _rectangle_heads_and_images()
+    images = [torch.zeros(3, 64, 64)] * len(frozen)
+    kwargs = dict(iterations=12, ims_per_batch=2, base_lr=0.05, warmup_iters=5)
+    expected = train_mask_head(roi_heads, frozen, generator=torch.Generator().manual_seed(0), **kwargs)
+    _, again, _ = _rectangle_heads_and_images()
+    curves = train_mask_head_with_images(again, frozen, images,
+                                         generator=torch.Generator().manual_seed(0), **kwargs)
+    assert curves == {"loss_mask": expected}  # weak losses off: the same run, step by step
+    weak = cfg.MODEL.ROI_MASK_HEAD.WEAK
+    weak.BOX_PROJECTION_WEIGHT, weak.PAIRWISE_WEIGHT, weak.APPLY_TO = 1.0, 1.0, "all"
+    torch.manual_seed(0)
+    with_weak = build_roi_heads(cfg, {"p2": ShapeSpec(channels=4, stride=4)})
+    curves = train_mask_head_with_images(with_weak, frozen, images,
+                                         generator=torch.Generator().manual_seed(0), **kwargs)
+    assert set(curves) == {"loss_mask", "loss_mask_projection", "loss_mask_pairwise"}
+    assert all(len(v) == 12 and all(math.isfinite(x) for x in v) for v in curves.values())

@@ -6,8 +6,8 @@ when CUDA is absent; v0.6 asserts CUDA. :func:`launch_processes` calls Detectron
 ``launch`` for CUDA and, where it serves, for CPU; otherwise (v0.6, or ``--accelerator cpu``
 on a machine with GPUs, where main's would choose NCCL) it runs :func:`_gloo_worker`, the
 same steps with gloo. Either way ``torch.multiprocessing`` ends every process of the
-machine as soon as one raises, and re-raises its error: a failed rank never leaves the
-others waiting in a collective.
+machine as soon as one raises, and re-raises its error: a failed rank leaves none of
+its machine waiting in a collective (other machines' processes fail at ``--dist-timeout``).
 
 What else CPU and XLA processes need, each used where Detectron2 builds the part:
 :func:`ddp_without_device_ids` for the trainer's ``DistributedDataParallel`` (with

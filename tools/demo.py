@@ -16,7 +16,10 @@
    iteration 0: the floor that the novel-class numbers have to clear to mean anything;
 5. draws novel-class instances of val images: ground truth, the trained head's mask
    and the untrained head's mask, both at the ground-truth box (the mask head alone);
-6. prints a summary table and writes it to <output>/summary.json.
+6. the weak mask losses (docs/weak_losses.md): on the trained detector, frozen, two fresh
+   mask heads, one on the seen classes' masks alone, one also with the box projection
+   and pairwise losses on the novel classes' boxes; novel-class IoU and mask AP of both;
+7. prints a summary table and writes it to <output>/summary.json.
 
 Trailing KEY VALUE pairs override the config, as in train_net.py.
 """
@@ -67,6 +70,14 @@ with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
     )
     from deepmac_d2.engine import Trainer
     from deepmac_d2.engine.console import metric, quiet_setup
+    from deepmac_d2.engine.frozen_detector import (
+        cache_frozen_images,
+        evaluate_mask_head,
+        frozen_mappers,
+        precise_mask_head_bn,
+    )
+    from deepmac_d2.engine.frozen_weak_training import frozen_input_images, train_mask_head_with_images
+    from detectron2.modeling import build_roi_heads
     from deepmac_d2.evaluation import given_box_mask_iou
 
 
@@ -140,6 +151,68 @@ def filled_box_iou(cfg):
             area = float(pycocotools.mask.area(a["segmentation"]))
             ratios["novel" if a["category_id"] in novel else "seen"].append(area / (w * h))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in ratios.items()}
+
+
+# The weak-loss heads: benchmarks/weak_losses.py's settings (fixed before its runs) and
+# schedule (the head study's: SGD steps of 4 images, peak LR 0.1, precise BN), for 40% of
+# the model's iterations (400 of the demo's 1000), so that a shortened demo stays short.
+WEAK_HEAD_FRACTION = 0.4
+WEAK_SETTINGS = {"BOX_PROJECTION_WEIGHT": 1.0, "PAIRWISE_WEIGHT": 1.0, "BOX_PROJECTION_LOSS": "dice",
+                 "PAIRWISE_COLOR_THRESHOLD": 0.3, "PAIRWISE_DILATION": 2, "ROI_EXPAND": 1.5,
+                 "APPLY_TO": "no_mask"}
+
+
+def weak_head_steps(cfg):
+    return max(1, round(WEAK_HEAD_FRACTION * cfg.SOLVER.MAX_ITER))
+
+
+def weak_loss_heads(cfg, model):
+    """Novel-class mask IoU at the GT boxes and mask AP of two fresh mask heads trained
+    on ``model``'s detector, frozen (its features cached once), with the same seed and
+    draws: on the seen classes' masks alone, and with the weak mask losses on the novel
+    classes' boxes too. Returns {"without"|"with": {"IoU", "AP"}}, or None when the
+    detector made no detection on the val images (a run of a few iterations)."""
+    val = cache_frozen_images(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]),
+                              frozen_mappers(cfg, train=False), detections=True)
+    if not any(len(d) for d in val.detections):
+        return None
+    train_dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    train = cache_frozen_images(model, train_dicts, frozen_mappers(cfg, train=True), detections=False)
+    images = frozen_input_images(cfg, train_dicts, train)
+    out = {}
+    for name, weights in (("without", 0.0), ("with", 1.0)):
+        head_cfg = cfg.clone()
+        head_cfg.defrost()
+        for key, value in WEAK_SETTINGS.items():
+            head_cfg.MODEL.ROI_MASK_HEAD.WEAK[key] = weights if key.endswith("_WEIGHT") else value
+        head_cfg.MODEL.ROI_MASK_HEAD.WEAK.WARMUP_ITERS = weak_head_steps(cfg) // 10
+        torch.manual_seed(0)
+        roi_heads = build_roi_heads(head_cfg, model.backbone.output_shape()).to(cfg.MODEL.DEVICE)
+        generator = torch.Generator().manual_seed(0)
+        train_mask_head_with_images(roi_heads, train, images, iterations=weak_head_steps(cfg),
+                                    ims_per_batch=4, base_lr=0.1, generator=generator,
+                                    weight_decay=cfg.SOLVER.WEIGHT_DECAY, device=cfg.MODEL.DEVICE)
+        precise_mask_head_bn(roi_heads, train, num_batches=10, ims_per_batch=4,
+                             generator=generator, device=cfg.MODEL.DEVICE)
+        with contextlib.redirect_stdout(LinesToLog()):
+            scores = evaluate_mask_head(roi_heads, val, cfg.DATASETS.TEST[0],
+                                        {"novel": list(NOVEL_CLASSES)}, max_detections=10,
+                                        device=cfg.MODEL.DEVICE)
+        out[name] = {"IoU": scores["novel"]["IoU_at_GT"], "AP": scores["novel"]["AP"]}
+    return out
+
+
+def print_weak(weak, steps):
+    """The weak-loss heads' numbers, as a table of their own."""
+    if weak is None:
+        print("\nweak mask losses: skipped, the detector made no detection on the val images")
+        return
+    print(f"\nweak mask losses: fresh heads on the trained detector, frozen "
+          f"({steps} steps each)")
+    print(f"{'':46s} {'masks only':>13s} {'+ weak losses':>15s}")
+    print(f"{'mask IoU at GT boxes, novel classes':46s} {weak['without']['IoU']:13.3f} "
+          f"{weak['with']['IoU']:15.3f}")
+    print(f"{'mask AP, novel classes':46s} {weak['without']['AP']:13.1f} {weak['with']['AP']:15.1f}")
 
 
 def novel_images(dataset, metadata, count):
@@ -347,13 +420,21 @@ def main(argv=None):
     print(f"[demo] drawing novel-class instances of {args.pictures} val images ...", flush=True)
     pictures = draw_pictures(cfg, model, [trained_head, initial_head], args.pictures)
     model.roi_heads.mask_head.load_state_dict(trained_head)
+
+    print("[demo] weak mask losses: two fresh mask heads on the frozen detector ...", flush=True)
+    start = time.perf_counter()
+    weak = weak_loss_heads(cfg, model)
+    seconds["weak"] = time.perf_counter() - start
     summary = summarize(trained, untrained, ious, seconds, cfg)
     summary["pictures"] = pictures
+    summary.update({f"weak_{k}_novel_{m}": v[m] for k, v in (weak or {}).items() for m in ("IoU", "AP")},
+                   weak_heads_seconds=round(seconds["weak"], 1))
     path = os.path.join(cfg.OUTPUT_DIR, "summary.json")
     with open(path, "w") as f:
         # NaN (AP with no predictions at all) is not JSON: null.
         json.dump({k: None if _is_nan(v) else v for k, v in summary.items()}, f, indent=2)
     print_table(summary)
+    print_weak(weak, weak_head_steps(cfg))
     print(f"\ntrain + eval {seconds['train']:.0f} s, untrained-head eval "
           f"{seconds['baseline']:.0f} s; summary: {path}")
     print(f"pictures: {pictures[-1] if pictures else 'none'}")

@@ -13,6 +13,7 @@ Memory: a pass holds two int32 tensors of (taps x its output) values, taps = 2 c
 in the first pass).
 """
 import torch
+from detectron2.layers.wrappers import shapes_to_tensor
 
 __all__ = ["image_size", "resize_shortest_edge"]
 
@@ -22,7 +23,7 @@ _PRECISION_BITS = 22
 
 def image_size(image: torch.Tensor) -> torch.Tensor:
     """(H, W) of an H x W x C image as a 1-D int64 tensor: traced, it follows the input."""
-    return torch._shape_as_tensor(image)[:2]
+    return shapes_to_tensor([image.shape[0], image.shape[1]])
 
 
 def _pil_bilinear_pass(x: torch.Tensor, out_size: torch.Tensor, dim: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def _pil_bilinear_pass(x: torch.Tensor, out_size: torch.Tensor, dim: int) -> tor
     follows the sizes. Sizes are 1-element float64 tensors throughout: the ONNX exporter
     divides 0-dim traced sizes in float32, which rounds some weights the other way.
     """
-    in_size = torch._shape_as_tensor(x)[dim : dim + 1].double()
+    in_size = shapes_to_tensor([x.shape[dim]]).double()
     scale = in_size / out_size.reshape(1).double()
     support = torch.clamp(scale, min=1.0)
     center = (torch.arange(out_size.reshape(()), dtype=torch.float64) + 0.5) * scale

@@ -200,7 +200,8 @@ class DeepMaskROIHeads(StandardROIHeads):
         if isinstance(head, DeepMaskHead):
             loss_mask = head.loss(logits[~is_weak], mask_instances)
         else:  # BaseMaskRCNNHead.forward's loss
-            loss_mask = mask_rcnn_loss(logits[~is_weak], mask_instances, head.vis_period) * head.loss_weight
+            loss_mask = mask_rcnn_loss(logits[~is_weak], mask_instances, head.vis_period)
+            loss_mask = loss_mask * head.loss_weight
         losses = {"loss_mask": loss_mask}
         losses.update(self.weak_mask_losses(logits[is_weak], weak_instances, images))
         return losses

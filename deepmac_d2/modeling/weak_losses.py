@@ -44,6 +44,7 @@ COLOUR_FORMATS = {"BGR": 3, "RGB": 3, "L": 1}
 # BoxInst's dice: 1 - 2 sum(p t) / (sum p^2 + sum t^2 + eps).
 DICE_EPS = 1e-5
 
+
 def _number(test):
     """A finite number (not a bool) that passes ``test``."""
     return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -265,8 +266,10 @@ class WeakMaskLosses(nn.Module):
                 PIXEL_STD, to recover the image's colours from the network's input.
         """
         super().__init__()
-        args = locals()
-        _check({arg: args[arg] for arg, _, _ in _RULES.values()}, lambda key, arg: arg)
+        _check(dict(projection_weight=projection_weight, projection_loss=projection_loss,
+                    pairwise_weight=pairwise_weight, colour_threshold=colour_threshold,
+                    dilation=dilation, warmup_iters=warmup_iters, roi_expand=roi_expand,
+                    apply_to=apply_to), lambda key, arg: arg)
         if pairwise_weight > 0:
             _check_colour_input(input_format, pixel_mean, pixel_std, lambda key, arg: arg)
         self.projection_weight, self.projection_loss = projection_weight, projection_loss

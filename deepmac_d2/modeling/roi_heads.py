@@ -131,6 +131,7 @@ class DeepMaskROIHeads(StandardROIHeads):
         ret = super().from_config(cfg, input_shape)
         ret["mask_use_gt_boxes"] = cfg.MODEL.ROI_MASK_HEAD.USE_GT_BOXES
         ret["mask_allowed_classes"] = allowed_contiguous_class_ids(cfg)
+        ret["weak_mask_losses"] = build_weak_mask_losses(cfg)
         return ret
 
     @classmethod

@@ -19,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from deepmac_d2.engine import setup
 from deepmac_d2.engine.frozen_detector import train_mask_head
 from deepmac_d2.engine.frozen_weak_training import train_mask_head_with_images
-from deepmac_d2.modeling.mask_head import DeepMaskHead
+from deepmac_d2.modeling.mask_head import CONVNET_VARIANTS, DeepMaskHead
 from deepmac_d2.modeling.weak_losses import (
     DICE_EPS,
     WeakMaskLosses,
@@ -483,3 +483,18 @@ def test_frozen_training_with_images_keeps_the_head_studys_schedule_and_adds_the
                                          generator=torch.Generator().manual_seed(0), **kwargs)
     assert set(curves) == {"loss_mask", "loss_mask_projection", "loss_mask_pairwise"}
     assert all(len(v) == 12 and all(math.isfinite(x) for x in v) for v in curves.values())
+
+
+@pytest.mark.parametrize("variant", CONVNET_VARIANTS)
+def test_every_deep_mask_head_variant_trains_with_the_weak_losses(variant):
+    cfg = weak_cfg("DeepMaskHead", True)
+    head = cfg.MODEL.ROI_MASK_HEAD
+    # 32 x 32 ROI features (the reference's crop): the deepest hourglass halves them 5 times.
+    head.CONVNET_VARIANT, head.CONV_DIM, head.POOLER_RESOLUTION = variant, 4, 32
+    heads = make_heads(cfg, allowed=[0, 1])
+    features, proposals, targets = batch()
+    losses = run(heads, images(), features, proposals, targets)
+    weak = losses["loss_mask_projection"] + losses["loss_mask_pairwise"]
+    assert math.isfinite(weak.item()) and weak.item() > 0
+    weak.backward()
+    assert heads.mask_head.predictor.weight.grad.abs().max() > 0

@@ -37,18 +37,18 @@ demo: setup
 
 # Our ports (SpineNet-49..190, the reference's ResNet-50-FPN, every DeepMaskHead variant) against the TF Model Garden
 # reference with the same weights, float64, eval and train mode: one table, exit 1 on a
-# mismatch (tools/parity.py; .venv-tf runs the reference; ~10 min on 2 cores); then the
-# speed table, ours vs the reference on 2 threads each (~8-15 min; tools/parity.py --speed-repeats 0 skips it).
+# mismatch (tools/tf_reference/parity.py; .venv-tf runs the reference; ~10 min on 2 cores); then the
+# speed table, ours vs the reference on 2 threads each (~8-15 min; tools/tf_reference/parity.py --speed-repeats 0 skips it).
 parity: setup setup-tf
-	$(VENV) tools/parity.py
+	$(VENV) tools/tf_reference/parity.py
 
 # tools/convert_tf_checkpoint.py on a checkpoint and a SavedModel that the reference writes
 # here (random weights), for a SpineNet and a ResNet-FPN model: our masks for given boxes
 # against its image_and_boxes_tensor output, the ResNet-FPN model's converted RPN and box
 # heads against its own, and the errors for checkpoints that do not fit
-# (tools/tf_checkpoint_check.py; ~20-25 min on 2 shared cores).
+# (tools/tf_reference/tf_checkpoint_check.py; ~20-25 min on 2 shared cores).
 tf-checkpoint-check: setup setup-tf
-	$(VENV) tools/tf_checkpoint_check.py
+	$(VENV) tools/tf_reference/tf_checkpoint_check.py
 
 clean:
 	rm -rf .venv .venv-xla .venv-tf .deps output

@@ -19,7 +19,7 @@ import deepmac_d2
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
-from deepmac_d2.modeling.spinenet import SpineNet
+from deepmac_d2.tf_port.spinenet import SpineNet
 
 SIZES = (640, 1024, 1280)
 TRACE = 256

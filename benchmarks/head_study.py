@@ -11,7 +11,7 @@ also measures its own detector. Here, per detector seed:
 1. a detector (the config's Mask R-CNN without its mask branch) learns the boxes of every
    class, once (reused by later runs of this command);
 2. it is frozen, and its FPN features, RPN proposals and validation detections are
-   computed once (deepmac_d2/engine/frozen_detector.py);
+   computed once (benchmarks/harness/frozen_detector.py);
 3. each mask head of --heads trains on those features alone, per head seed, in three
    modes: the seen classes' masks on GT boxes, the same on sampled proposals, and the
    masks of every class on GT boxes (the ceiling); its loss curve is kept;
@@ -52,8 +52,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
 from deepmac_d2.data.synthetic import SPLITS  # noqa: E402
 from deepmac_d2.engine import ACCELERATORS, load_config  # noqa: E402
-from deepmac_d2.engine.console import metric  # noqa: E402
-from deepmac_d2.engine.frozen_detector import (  # noqa: E402
+from harness.console import metric  # noqa: E402
+from harness.frozen_detector import (  # noqa: E402
     cache_frozen_images,
     evaluate_mask_head,
     frozen_feature_bytes,
@@ -62,7 +62,7 @@ from deepmac_d2.engine.frozen_detector import (  # noqa: E402
     precise_mask_head_bn,
     train_mask_head,
 )
-from deepmac_d2.engine.grid import (  # noqa: E402
+from harness.grid import (  # noqa: E402
     WORKER_FILE,
     GridRun,
     mean_ci95,

@@ -53,8 +53,8 @@ from deepmac_d2.data.synthetic import (
     register_synthetic,
 )
 from deepmac_d2.engine import ACCELERATORS, Trainer, load_config
-from deepmac_d2.engine.console import metric, quiet_setup
-from deepmac_d2.engine.grid import (
+from harness.console import metric, quiet_setup
+from harness.grid import (
     SPEC_FILE,
     WORKER_FILE,
     GridRun,

@@ -4,8 +4,8 @@
 The synthetic data with masks for the seen classes only: the novel classes have boxes
 alone. Per detector seed (the head study's detectors, benchmarks/head_study.py: trained
 once on every class's boxes, frozen, features cached), each mask head of --heads trains
-on GT boxes in four modes that differ only in MODEL.ROI_MASK_HEAD.WEAK and the allowed
-classes:
+on GT boxes, per head seed, in four modes that differ only in MODEL.ROI_MASK_HEAD.WEAK
+and the allowed classes:
 
     (a) none        the mask loss on the seen classes' masks (today's training)
     (b) projection  (a) + the box projection loss on every novel instance
@@ -14,15 +14,19 @@ classes:
 
 and is scored on the same detections: novel-class mask AP and mean mask IoU at the GT
 box, per run; means with 95% intervals over the detector seeds (Student-t on the
-per-detector means, as the head study), paired differences against (a), and the
-fraction of the (a)-(d) gap that (b) and (c) close. The weak settings are fixed here,
+per-detector means, as the head study) or, with a single detector, over the head seeds
+(then the detector's own variance is not in them); paired differences against (a), and
+the fraction of the (a)-(d) gap that (b) and (c) close. The weak settings are fixed here,
 before any run (BoxInst's: dice, colour threshold 0.3, dilation 2, weights 1; ROI
 enlarged 1.5x; the pairwise warmup a tenth of the run, BoxInst's 10k of 90k).
 Writes results.md, results.json and weak_losses.png under --output-dir.
 
-    python benchmarks/weak_losses.py            # 3 detectors x 2 heads x 4 modes, CPU
+    python benchmarks/weak_losses.py            # 1 detector x 3 head seeds x 2 heads x 4 modes
+    python benchmarks/weak_losses.py --det-seeds 3 --det-iters 1000 --head-iters 500
 
-Finished detectors (shared with head_study.py through --detector-dir) and finished
+The defaults are sized for 2 shared CPU cores (docs/weak_losses.md has the run and its
+cost); the second line is the head study's protocol with 3 detectors. Finished detectors
+(shared with head_study.py through --detector-dir when --det-iters match) and finished
 head runs are reused when their settings are unchanged.
 """
 import argparse
@@ -43,12 +47,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepmac_d2  # noqa: E402,F401  (registers heads, ROI heads, datasets)
 from deepmac_d2.data.synthetic import SPLITS  # noqa: E402
 from deepmac_d2.engine import load_config  # noqa: E402
-from deepmac_d2.engine.frozen_detector import evaluate_mask_head, precise_mask_head_bn  # noqa: E402
-from deepmac_d2.engine.frozen_weak_training import (  # noqa: E402
+from harness.frozen_detector import evaluate_mask_head, precise_mask_head_bn  # noqa: E402
+from harness.frozen_weak_training import (  # noqa: E402
     frozen_input_images,
     train_mask_head_with_images,
 )
-from deepmac_d2.engine.grid import GridRun, mean_ci95, run_grid, spec_config, write_json  # noqa: E402
+from harness.grid import GridRun, mean_ci95, run_grid, spec_config, write_json  # noqa: E402
 from detectron2.modeling import build_roi_heads  # noqa: E402
 import head_study  # noqa: E402
 from novel_class_generalization import DEFAULT_CONFIG, class_split, prepare_data  # noqa: E402
@@ -71,12 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=os.path.join("output", "weak_losses"))
     p.add_argument("--detector-dir", default=os.path.join("output", "head_study"),
                    help="where the head study's detectors are, or are trained (default: %(default)s)")
-    p.add_argument("--heads", default="default,hourglass20", help="comma-separated (head_study.py's names)")
+    p.add_argument("--heads", default="default,hourglass10", help="comma-separated (head_study.py's names)")
     p.add_argument("--modes", default=",".join(MODES), help="of: %(default)s")
-    p.add_argument("--det-seeds", type=int, default=3)
-    p.add_argument("--det-iters", type=int, default=1000)
-    p.add_argument("--head-seeds", type=int, default=1)
-    p.add_argument("--head-iters", type=int, default=500)
+    p.add_argument("--det-seeds", type=int, default=1)
+    p.add_argument("--det-iters", type=int, default=600)
+    p.add_argument("--head-seeds", type=int, default=3)
+    p.add_argument("--head-iters", type=int, default=300)
     p.add_argument("--head-batch", type=int, default=4)
     p.add_argument("--head-lr", type=float, default=0.1, help="the head study's peak LR")
     p.add_argument("--bn-batches", type=int, default=10)

@@ -1,6 +1,11 @@
 import os
+import sys
 
 import pytest
+
+# The benchmarks' shared machinery (benchmarks/harness/) is imported as the scripts there
+# import it: with benchmarks/ on the path.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 # Tests build everything from random weights and generated data: never download.
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(os.path.dirname(__file__), "_no_datasets"))

@@ -49,6 +49,9 @@ def test_the_expected_configs_exist():
         "voc_spinenet143_hg52.yaml",
         "nonvoc_spinenet143_hg52.yaml",
         "voc_tf_r50_hg52.yaml",
+        # The weak mask losses on the other split's boxes (docs/weak_losses.md).
+        "voc_r50_hg52_weak.yaml",
+        "nonvoc_r50_hg52_weak.yaml",
     }
 
 

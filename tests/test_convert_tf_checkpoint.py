@@ -22,7 +22,7 @@ from deepmac_d2.tf_port import ConversionError, layers_in_call_order
 from deepmac_d2.tf_port.checkpoint import (
     CONVERTED, _BoxHeadLayers, _MaskHeadLayers, converted_prefixes, load_reference_checkpoint, reference_spec,
 )
-from deepmac_d2.modeling.tf_heads import TFFastRCNNOutputLayers, TFRPNHead
+from deepmac_d2.tf_port.heads import TFFastRCNNOutputLayers, TFRPNHead
 from tolerance import assert_close_to_rounding
 
 # Float comparisons: make test runs these again on the AVX2 kernels.

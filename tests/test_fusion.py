@@ -14,8 +14,9 @@ import deepmac_d2  # noqa: F401  (registers the heads)
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from deepmac_d2.engine import load_config
-from deepmac_d2.modeling import DeepMaskHead, TFConvFCHead, fuse_for_inference
-from deepmac_d2.modeling import spinenet as sp
+from deepmac_d2.modeling import DeepMaskHead, fuse_for_inference
+from deepmac_d2.tf_port import TFConvFCHead
+from deepmac_d2.tf_port import spinenet as sp
 from tolerance import assert_close_to_rounding
 
 # Float comparisons: make test runs these again on the AVX2 kernels.

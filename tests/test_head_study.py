@@ -25,7 +25,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 
 from deepmac_d2 import add_deepmac_config
 from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic, register_synthetic
-from deepmac_d2.engine.frozen_detector import (
+from harness.frozen_detector import (
     FrozenImages,
     evaluate_mask_head,
     frozen_feature_bytes,
@@ -33,7 +33,7 @@ from deepmac_d2.engine.frozen_detector import (
     precise_mask_head_bn,
     train_mask_head,
 )
-from deepmac_d2.engine.grid import mean_ci95, t_quantile
+from harness.grid import mean_ci95, t_quantile
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +189,7 @@ def test_evaluation_of_the_ground_truth_masks_is_perfect(tiny_val, monkeypatch):
     images, targets = tiny_val
     meta = MetadataCatalog.get("hs_test_val")
     # The masks are at the input (= original) size already: nothing to paste.
-    monkeypatch.setattr("deepmac_d2.engine.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
+    monkeypatch.setattr("harness.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
     scores = evaluate_mask_head(_GroundTruthMasks(targets), images, "hs_test_val",
                                 {"seen": list(meta.seen_class_ids), "novel": list(meta.novel_class_ids)})
     for name in ("seen", "novel"):
@@ -205,7 +205,7 @@ def test_evaluation_on_some_of_the_images_scores_only_those(tiny_val, monkeypatc
     first = FrozenImages(*(getattr(images, f)[:1] for f in (
         "features", "image_sizes", "original_sizes", "image_ids", "targets", "proposals",
         "detections")))
-    monkeypatch.setattr("deepmac_d2.engine.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
+    monkeypatch.setattr("harness.frozen_detector.detector_postprocess", lambda inst, h, w: inst)
     to_dataset = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
     present = sorted({to_dataset[int(c)] for c in targets[0].gt_classes})
     scores = evaluate_mask_head(_GroundTruthMasks(targets[:1]), first, "hs_test_val", {"present": present})

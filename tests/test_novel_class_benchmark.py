@@ -20,7 +20,7 @@ from PIL import Image
 from deepmac_d2.data.class_splits import NONVOC_CLASS_IDS, VOC_CLASS_IDS
 from deepmac_d2.data.synthetic import SyntheticConfig, prepare_synthetic
 from deepmac_d2.engine import load_config
-from deepmac_d2.engine.grid import (RESULT_FILE, SPEC_FILE, GridRun, aggregate, mean_std, run_grid,
+from harness.grid import (RESULT_FILE, SPEC_FILE, GridRun, aggregate, mean_std, run_grid,
                                      spec_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

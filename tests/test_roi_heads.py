@@ -15,7 +15,8 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from deepmac_d2 import add_deepmac_config
-from deepmac_d2.modeling.roi_heads import DeepMaskROIHeads, allowed_contiguous_class_ids
+from deepmac_d2.data.class_splits import allowed_contiguous_class_ids
+from deepmac_d2.modeling.roi_heads import DeepMaskROIHeads
 
 IMAGE = 64  # image side; the feature map has stride 4
 MASK = 8  # mask side: POOLER_RESOLUTION 4 x UPSAMPLE_FACTOR 2

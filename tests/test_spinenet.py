@@ -2,7 +2,7 @@
 
 The parameter counts were measured by building the reference here
 (``official/vision/modeling/backbones/spinenet.py`` from tf-models-official 2.20, at
-input 128, levels 3..7; ``tools/parity_tf.py`` prints them): trainable = conv kernels +
+input 128, levels 3..7; ``tools/tf_reference/parity_tf.py`` prints them): trainable = conv kernels +
 BN gamma/beta, non-trainable = BN moving statistics. ``make parity`` compares outputs.
 """
 import copy
@@ -18,8 +18,8 @@ from torch import nn
 import deepmac_d2
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone, build_model
-from deepmac_d2.modeling import spinenet as sp
-from deepmac_d2.modeling import tf_layers
+from deepmac_d2.tf_port import spinenet as sp
+from deepmac_d2.tf_port import layers as tf_layers
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from mask_rcnn_step import train_one_step_and_infer
 

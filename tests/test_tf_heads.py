@@ -1,4 +1,4 @@
-"""The reference's RPN and box heads (deepmac_d2.modeling.tf_heads): outputs in Detectron2's layout.
+"""The reference's RPN and box heads (deepmac_d2.tf_port.heads): outputs in Detectron2's layout.
 
 Hand-worked cases: the predictors' biases alone carry known values through the layout
 change (anchor order, background position, (dy, dx, dh, dw) -> (dx, dy, dw, dh)).
@@ -10,7 +10,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 
 import deepmac_d2  # noqa: F401  (registers)
-from deepmac_d2.modeling.tf_heads import TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead, reference_anchor_order
+from deepmac_d2.tf_port.heads import TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead, reference_anchor_order
 
 
 def test_anchor_order_inverts_the_ratios_per_size():

@@ -1,8 +1,8 @@
-"""The reference's ResNet-FPN (deepmac_d2.modeling.tf_resnet_fpn) against its figures and hand-worked cases.
+"""The reference's ResNet-FPN (deepmac_d2.tf_port.resnet_fpn) against its figures and hand-worked cases.
 
 The parameter counts were measured by building the reference here (tf-models-official
 2.20: ``resnet.ResNet(50)`` + ``fpn.FPN`` at levels 2..6, 256 filters;
-``tools/parity_tf.py`` prints them for case resnet50_fpn): trainable = conv kernels and
+``tools/tf_reference/parity_tf.py`` prints them for case resnet50_fpn): trainable = conv kernels and
 biases + BN gamma/beta, non-trainable = BN moving statistics. ``make parity`` compares
 the outputs.
 """
@@ -16,10 +16,10 @@ from detectron2.modeling import build_backbone, build_model
 from torch import nn
 
 import deepmac_d2
-from deepmac_d2.modeling import tf_resnet_fpn as rf
+from deepmac_d2.tf_port import resnet_fpn as rf
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from deepmac_d2.modeling.mask_head import DeepMaskHead
-from deepmac_d2.modeling.tf_heads import TFFastRCNNOutputLayers, TFRPNHead
+from deepmac_d2.tf_port.heads import TFFastRCNNOutputLayers, TFRPNHead
 from mask_rcnn_step import train_one_step_and_infer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -17,8 +17,8 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 from detectron2.utils.events import EventStorage
 
 from deepmac_d2.engine import setup
-from deepmac_d2.engine.frozen_detector import train_mask_head
-from deepmac_d2.engine.frozen_weak_training import train_mask_head_with_images
+from harness.frozen_detector import train_mask_head
+from harness.frozen_weak_training import train_mask_head_with_images
 from deepmac_d2.modeling.mask_head import CONVNET_VARIANTS, DeepMaskHead
 from deepmac_d2.modeling.weak_losses import (
     DICE_EPS,

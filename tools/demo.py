@@ -47,6 +47,9 @@ HARMLESS_WARNINGS = (
     (UserWarning, r"torch\.meshgrid: in an upcoming release", r"torch/functional\.py$"),
 )
 
+# The frozen-detector machinery the demo shares with the benchmarks lives beside them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
 # Those raised while torch and Detectron2 load, before log.txt exists: main() replays them
 # through route_warnings()'s filter once it does.
 with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
@@ -69,14 +72,14 @@ with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
         register_synthetic,
     )
     from deepmac_d2.engine import Trainer
-    from deepmac_d2.engine.console import metric, quiet_setup
-    from deepmac_d2.engine.frozen_detector import (
+    from harness.console import metric, quiet_setup
+    from harness.frozen_detector import (
         cache_frozen_images,
         evaluate_mask_head,
         frozen_mappers,
         precise_mask_head_bn,
     )
-    from deepmac_d2.engine.frozen_weak_training import frozen_input_images, train_mask_head_with_images
+    from harness.frozen_weak_training import frozen_input_images, train_mask_head_with_images
     from detectron2.modeling import build_roi_heads
     from deepmac_d2.evaluation import given_box_mask_iou
 

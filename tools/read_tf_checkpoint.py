@@ -34,7 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from parity_tf import creation_order  # noqa: E402  (tools/, next to this file)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_reference"))
+from parity_tf import creation_order  # noqa: E402  (tools/tf_reference/)
 
 
 

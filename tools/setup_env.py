@@ -287,7 +287,7 @@ def setup(env, force=False):
     say(f"{venv.name} ready in {time.time() - t0:.0f}s (Detectron2 from the {route} route)")
 
 
-# The TF Model Garden reference for tools/parity_tf.py (make parity): TensorFlow alone,
+# The TF Model Garden reference for tools/tf_reference/parity_tf.py (make parity): TensorFlow alone,
 # no torch, no Detectron2, no project. tf-models-official 2.20 pins TF 2.20, whose wheels
 # the index lacks; 2.21 runs it, so it goes in without its dependencies, then the ones
 # the reference's SpineNet and DeepMaskHead import.

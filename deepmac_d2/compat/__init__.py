@@ -2,6 +2,7 @@
 
 Detectron2 v0.6 from its PyPI sdist has no compiled ``detectron2._C``;
 :mod:`.c_fallback` supplies a pure-PyTorch one, only where the real one is absent.
+Imported first, before anything imports Detectron2; imports nothing of the plugin.
 """
 from .c_fallback import install as install_c_fallback
 

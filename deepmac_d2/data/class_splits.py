@@ -5,7 +5,9 @@ the other 60 ("non-VOC"), and the reverse. Ids here are COCO *dataset* ids (as i
 json's ``category_id``), like the reference's ``allowed_mask_class_ids``; Detectron2's
 contiguous ids are derived from them through the dataset's metadata where needed.
 """
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 # The 80 thing categories of COCO 2014/2017: ids 1..90 with the 10 ids COCO never used.
 COCO_THING_IDS = tuple(
@@ -65,3 +67,40 @@ def parse_class_subset(spec: str) -> Tuple[str, List[int]]:
     if not items:
         raise ValueError(f"Class subset {spec!r} lists no category ids")
     return name, resolve_class_ids(items)
+
+
+def allowed_contiguous_class_ids(cfg) -> Optional[List[int]]:
+    """Map ``MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS`` (dataset ids) to contiguous class ids.
+
+    The config names classes by their json ``category_id`` (the reference's
+    ``allowed_mask_class_ids`` are COCO ids), but the model only ever sees Detectron2's
+    contiguous ids, so the training dataset's ``thing_dataset_id_to_contiguous_id``
+    translates them. Returns None when the key is empty (every class has masks).
+    """
+    key = "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS"
+    spec = cfg.MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS
+    if not spec:
+        return None
+    ids = resolve_class_ids(spec)
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError(f"{key} needs DATASETS.TRAIN to map its dataset ids to class indices")
+    # Detectron2 requires all training datasets to share their classes; the first one decides.
+    name = cfg.DATASETS.TRAIN[0]
+    meta = MetadataCatalog.get(name)
+    if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+        # register_coco_instances records the id map only once the json is loaded
+        # (the builtin COCO splits have it up front).
+        DatasetCatalog.get(name)
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if id_map is None:
+        raise ValueError(
+            f"{key}: dataset {name!r} has no 'thing_dataset_id_to_contiguous_id' metadata, "
+            "so its category ids cannot be mapped to class indices"
+        )
+    missing = [i for i in ids if i not in id_map]
+    if missing:
+        raise ValueError(
+            f"{key}: category id(s) {missing} are not in dataset {name!r}; "
+            f"its category ids are {sorted(id_map)}"
+        )
+    return sorted(id_map[i] for i in ids)

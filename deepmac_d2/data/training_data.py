@@ -18,6 +18,7 @@ from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from .class_splits import allowed_contiguous_class_ids
 from .mask_coverage import annotation_has_mask, check_masks_present, log_mask_coverage, valid_polygons
 
 __all__ = ["training_dataset_dicts"]
@@ -111,9 +112,6 @@ def training_dataset_dicts(cfg):
     if dropped:
         logger.warning(f"Dropped {dropped} annotation(s) with neither a valid box nor a mask.")
     if cfg.MODEL.MASK_ON:
-        # Imported here: the modeling package imports this one.
-        from ..modeling.roi_heads import allowed_contiguous_class_ids
-
         coverage = log_mask_coverage(dicts, MetadataCatalog.get(names[0]).thing_classes, log=logger)
         check_masks_present(coverage, True, names, allowed_contiguous_class_ids(cfg))
     return dicts

@@ -9,7 +9,7 @@ resize it inside as Detectron2 does (to Pillow's bytes), and answer at the image
   ``image_and_boxes_tensor`` signature (``BoxMaskPredictor`` as a graph).
 
 ``tools/export_model.py`` writes the files; the README's "Export for serving" tells what
-a serving machine needs.
+a serving machine needs. May import ``modeling`` (the BatchNorm folding).
 """
 from .models import BoxMaskExport, DetectorExport
 from .resize import resize_shortest_edge

@@ -1,24 +1,13 @@
-"""Mask heads (Hourglass network, DeepMaskHead), the partially supervised ROIHeads, SpineNet,
-the reference's ResNet-FPN, and the BatchNorm folding for inference."""
+"""The core of the plugin: DeepMAC's mask heads (the Hourglass network, DeepMaskHead), the
+partially supervised ROIHeads, the weak mask losses for box-only instances, and the
+BatchNorm folding for inference.
+
+Imports Detectron2, PyTorch, kornia and ``deepmac_d2.data`` (class splits) only; the TF reference
+ports in ``deepmac_d2.tf_port`` build on this package, never the other way round.
+"""
 from .fusion import fuse_for_inference
 from .hourglass import HourglassNetwork
 from .mask_head import CONVNET_VARIANTS, DeepMaskHead
 from .roi_heads import DeepMaskROIHeads
-from .spinenet import SpineNet, build_spinenet_backbone
-from .tf_heads import TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead
-from .tf_resnet_fpn import TFResNetFPN, build_tf_resnet_fpn_backbone
 
-__all__ = [
-    "CONVNET_VARIANTS",
-    "DeepMaskHead",
-    "DeepMaskROIHeads",
-    "HourglassNetwork",
-    "SpineNet",
-    "TFConvFCHead",
-    "TFFastRCNNOutputLayers",
-    "TFRPNHead",
-    "TFResNetFPN",
-    "build_spinenet_backbone",
-    "build_tf_resnet_fpn_backbone",
-    "fuse_for_inference",
-]
+__all__ = ["CONVNET_VARIANTS", "DeepMaskHead", "DeepMaskROIHeads", "HourglassNetwork", "fuse_for_inference"]

@@ -3,54 +3,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..data.class_splits import resolve_class_ids
+from ..data.class_splits import allowed_contiguous_class_ids
 from .mask_head import DeepMaskHead
 from .weak_losses import WeakMaskLosses, build_weak_mask_losses
 
 __all__ = ["DeepMaskROIHeads", "allowed_contiguous_class_ids"]
-
-
-def allowed_contiguous_class_ids(cfg) -> Optional[List[int]]:
-    """Map ``MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS`` (dataset ids) to contiguous class ids.
-
-    The config names classes by their json ``category_id`` (the reference's
-    ``allowed_mask_class_ids`` are COCO ids), but the model only ever sees Detectron2's
-    contiguous ids, so the training dataset's ``thing_dataset_id_to_contiguous_id``
-    translates them. Returns None when the key is empty (every class has masks).
-    """
-    key = "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS"
-    spec = cfg.MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS
-    if not spec:
-        return None
-    ids = resolve_class_ids(spec)
-    if not cfg.DATASETS.TRAIN:
-        raise ValueError(f"{key} needs DATASETS.TRAIN to map its dataset ids to class indices")
-    # Detectron2 requires all training datasets to share their classes; the first one decides.
-    name = cfg.DATASETS.TRAIN[0]
-    meta = MetadataCatalog.get(name)
-    if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
-        # register_coco_instances records the id map only once the json is loaded
-        # (the builtin COCO splits have it up front).
-        DatasetCatalog.get(name)
-    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
-    if id_map is None:
-        raise ValueError(
-            f"{key}: dataset {name!r} has no 'thing_dataset_id_to_contiguous_id' metadata, "
-            "so its category ids cannot be mapped to class indices"
-        )
-    missing = [i for i in ids if i not in id_map]
-    if missing:
-        raise ValueError(
-            f"{key}: category id(s) {missing} are not in dataset {name!r}; "
-            f"its category ids are {sorted(id_map)}"
-        )
-    return sorted(id_map[i] for i in ids)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -137,12 +99,11 @@ class DeepMaskROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        if cfg.MODEL.ROI_BOX_HEAD.NAME == "TFConvFCHead":
-            # The reference's box head comes with its predictor layout (background first,
-            # (dy, dx, dh, dw) deltas for every class): tf_heads.TFFastRCNNOutputLayers.
-            from .tf_heads import TFFastRCNNOutputLayers
-
-            ret["box_predictor"] = TFFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        # A box head may come with its own predictor layout (the reference's TFConvFCHead:
+        # background first, (dy, dx, dh, dw) deltas for every class).
+        predictor = getattr(ret["box_head"], "box_predictor_class", None)
+        if predictor is not None:
+            ret["box_predictor"] = predictor(cfg, ret["box_head"].output_shape)
         return ret
 
     def forward(

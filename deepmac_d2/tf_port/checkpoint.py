@@ -15,14 +15,14 @@ uses no decoder with it) or into the reference's ResNet-FPN
 no BatchNorm in its FPN and max-pools P6, so it cannot take them), and the mask head.
 The RPN and the box head convert into the reference's own heads only
 (``MODEL.RPN.HEAD_NAME "TFRPNHead"``, ``MODEL.ROI_BOX_HEAD.NAME "TFConvFCHead"``,
-deepmac_d2/modeling/tf_heads.py): Model Garden's carry BatchNorm where Detectron2's have
+deepmac_d2/tf_port/heads.py): Model Garden's carry BatchNorm where Detectron2's have
 none, count the background as class 0 and regress (dy, dx, dh, dw); with Detectron2's
 own heads they stay as built (and Detectron2 reports them missing from the .pth).
 """
 import torch
 from torch import nn
 
-from ..modeling.spinenet import SCALING_MAP
+from .spinenet import SCALING_MAP
 from .convert import ConversionError, load_reference_weights
 
 __all__ = ["CONVERTED", "converted_prefixes", "reference_spec", "load_reference_checkpoint"]

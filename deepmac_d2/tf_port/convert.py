@@ -79,7 +79,7 @@ def load_reference_weights(module, variables, example_inputs):
     Args:
         module: a deepmac-d2 port (SpineNet, DeepMaskHead, HourglassNetwork, ...).
         variables: ``[(name, numpy array)]`` in the reference's creation order, e.g.
-            Keras variables sorted by creation (``tools/parity_tf.py`` writes them so).
+            Keras variables sorted by creation (``tools/tf_reference/parity_tf.py`` writes them so).
         example_inputs: inputs for one forward pass that fixes our layers' order.
 
     Returns:

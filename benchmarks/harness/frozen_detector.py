@@ -28,10 +28,10 @@ from fvcore.nn.precise_bn import update_bn_stats
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..data.dataset_mapper import InstanceMaskDatasetMapper
-from ..evaluation.given_box_iou import GivenBoxMapper, mask_iou
-from ..evaluation.subset_evaluation import subset_coco_metrics
-from ..modeling.hourglass import KerasBatchNorm2d
+from deepmac_d2.data.dataset_mapper import InstanceMaskDatasetMapper
+from deepmac_d2.evaluation.given_box_iou import GivenBoxMapper, mask_iou
+from deepmac_d2.evaluation.subset_evaluation import subset_coco_metrics
+from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 
 __all__ = ["FrozenImages", "cache_frozen_images", "evaluate_mask_head", "frozen_feature_bytes",
            "frozen_mappers", "image_subset", "precise_mask_head_bn", "train_mask_head"]

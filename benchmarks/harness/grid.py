@@ -82,7 +82,7 @@ def spec_config(cfg, folder: str) -> str:
     leaves finished runs reusable instead of retraining them; a changed value, or a key
     the package no longer has, does not.
     """
-    from .trainer import load_config
+    from deepmac_d2.engine import load_config
 
     text = cfg.dump()
     try:

@@ -20,7 +20,7 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .tf_layers import BN_EPS, BN_MOMENTUM, ConvNorm, ResidualUnit, check_input_size, max_pool_same
+from .layers import BN_EPS, BN_MOMENTUM, ConvNorm, ResidualUnit, check_input_size, max_pool_same
 
 __all__ = ["SpineNet", "build_spinenet_backbone", "SCALING_MAP", "BLOCK_SPECS"]
 

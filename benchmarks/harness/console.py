@@ -10,7 +10,7 @@ import io
 import logging
 import sys
 
-from .trainer import setup
+from deepmac_d2.engine import setup
 
 # The loggers whose lines stay on the terminal: progress with ETA from training and
 # inference, and the training speed; anything at WARNING or above from any logger.

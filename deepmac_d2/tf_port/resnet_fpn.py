@@ -22,8 +22,8 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .hourglass import norm_layer
-from .tf_layers import Conv2dSame, ConvNorm, ResidualUnit, check_input_size, max_pool_same
+from ..modeling.hourglass import norm_layer
+from .layers import Conv2dSame, ConvNorm, ResidualUnit, check_input_size, max_pool_same
 
 __all__ = ["TFResNet", "TFFPN", "TFResNetFPN", "build_tf_resnet_fpn_backbone", "RESNET_BLOCKS"]
 

@@ -33,7 +33,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-from .hourglass import norm_layer
+from ..modeling.hourglass import norm_layer
 
 __all__ = ["TFRPNHead", "TFConvFCHead", "TFFastRCNNOutputLayers", "reference_anchor_order"]
 
@@ -200,6 +200,12 @@ class TFConvFCHead(nn.Module):
     @property
     def output_shape(self):
         return ShapeSpec(channels=self._output_size)
+
+    @property
+    def box_predictor_class(self):
+        """The reference's predictor layout for this head's features, which
+        DeepMaskROIHeads builds in place of Detectron2's."""
+        return TFFastRCNNOutputLayers
 
 
 class TFFastRCNNOutputLayers(FastRCNNOutputLayers):

@@ -7,17 +7,17 @@ values, runs a fixed input in eval mode and in train mode, and writes one ``.npz
 the variables in creation order (``w00000|<name>``), the input, the outputs
 (``eval|<k>``, ``train|<k>``), the moving statistics after the train-mode call
 (``after_train|...``, same order), and the trainable / non-trainable counts.
-``tools/parity.py`` (in ``.venv``) converts the variables into ours and compares.
+``tools/tf_reference/parity.py`` (in ``.venv``) converts the variables into ours and compares.
 
-With ``--speed-worker`` it instead times the reference for ``tools/parity.py``'s speed
+With ``--speed-worker`` it instead times the reference for ``tools/tf_reference/parity.py``'s speed
 table, in float32 under ``tf.function`` as the reference trains: it reads one JSON
 request a line on stdin (``{"build": case, "shape": input shape}``, then
 ``{"time": case, "mode": "forward" | "forward+backward"}``) and answers each with
 one line (``ok``, or the wall and process CPU seconds of one call), so the two sides'
 runs can alternate.
 
-    .venv-tf/bin/python tools/parity_tf.py --out DIR [--cases spinenet49,hg52_head]
-    .venv-tf/bin/python tools/parity_tf.py --speed-worker --threads 2
+    .venv-tf/bin/python tools/tf_reference/parity_tf.py --out DIR [--cases spinenet49,hg52_head]
+    .venv-tf/bin/python tools/tf_reference/parity_tf.py --speed-worker --threads 2
 
 It imports nothing from deepmac_d2 (which needs torch and Detectron2).
 """
@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-# The cases; tools/parity.py keeps the same table (it cannot import this file's TF).
+# The cases; tools/tf_reference/parity.py keeps the same table (it cannot import this file's TF).
 SPINENET_IDS = ("49", "96", "143", "190")
 HEADS = {
     # name: (convnet_variant, num_filters, crop, norm momentum (Keras), eps)
@@ -201,7 +201,7 @@ def run_case(name, out_dir, rng):
 
 
 def speed_worker():
-    """Times the reference for ``tools/parity.py`` (see the module docstring).
+    """Times the reference for ``tools/tf_reference/parity.py`` (see the module docstring).
 
     Forward: inference mode, no tape. Forward+backward: training mode, the gradient of
     the outputs' sum with respect to every trainable variable. Each function is traced

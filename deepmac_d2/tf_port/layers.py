@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-from .hourglass import conv_norm_relu
+from ..modeling.hourglass import conv_norm_relu
 
 __all__ = ["check_input_size", "same_padding", "Conv2dSame", "max_pool_same", "ConvNorm", "ResidualUnit"]
 

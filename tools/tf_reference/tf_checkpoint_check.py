@@ -4,7 +4,7 @@
 For each backbone (suite ``spinenet``: SpineNet-49 with a Hourglass-20 head of 16
 filters, crop 16 -> 32x32 masks; suite ``resnet_fpn``: the reference's ResNet-50 + FPN
 of 64 filters on P2..P6 with the default head of 16 filters, crop 14 -> 28x28 masks;
-256x256 input), ``tools/tf_checkpoint_check_tf.py`` (in ``.venv-tf``) builds the
+256x256 input), ``tools/tf_reference/tf_checkpoint_check_tf.py`` (in ``.venv-tf``) builds the
 reference's deepmac_maskrcnn model with random weights, saves a training checkpoint,
 exports it with the reference's own exporter and records the SavedModel's
 ``image_and_boxes_tensor`` output for two images and six boxes each. This script
@@ -26,7 +26,7 @@ width 32 for a SpineNet-49 config; ResNet-101 for a ResNet-50 one), and the Save
 with a config whose BatchNorm epsilon differs from its params.yaml's (no variable shows
 that), and requires each error to name the config key. Exit status 1 on any failure.
 
-    python tools/tf_checkpoint_check.py [--suites spinenet,resnet_fpn] [--ref-dir DIR]
+    python tools/tf_reference/tf_checkpoint_check.py [--suites spinenet,resnet_fpn] [--ref-dir DIR]
     # DIR/<suite>: tf_checkpoint_check_tf.py's output for that suite
 """
 import argparse
@@ -43,7 +43,8 @@ from detectron2.data import transforms as T
 from detectron2.layers import paste_masks_in_image
 from detectron2.structures import Boxes, Instances
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # parity.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the converter
 from convert_tf_checkpoint import TF_PYTHON, convert, load_config  # noqa: E402
 from parity import box_in_reference_layout, rpn_in_reference_layout  # noqa: E402
 
@@ -51,7 +52,7 @@ from deepmac_d2.box_masks import BoxMaskPredictor  # noqa: E402
 from deepmac_d2.tf_port import ConversionError  # noqa: E402
 from deepmac_d2.tf_port.checkpoint import reference_spec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INPUT_SIZE = 256
 _COMMON = [
     "MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "[]", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
@@ -161,7 +162,7 @@ def check_suite(suite, ref_dir, tmp):
         spec_path = Path(tmp) / f"{suite}.json"
         spec_path.write_text(json.dumps(dict(reference_spec(cfg), input_size=INPUT_SIZE)))
         start = time.time()
-        subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_checkpoint_check_tf.py"),
+        subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_reference" / "tf_checkpoint_check_tf.py"),
                         "--spec", str(spec_path), "--out", str(ref)], check=True)
         print(f"[tf-checkpoint-check] {suite}: reference written in {time.time() - start:.0f} s", flush=True)
     rows = []
@@ -211,7 +212,7 @@ def check_suite(suite, ref_dir, tmp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default=",".join(SUITES), help=f"of {', '.join(SUITES)}")
-    ap.add_argument("--ref-dir", help="output of tools/tf_checkpoint_check_tf.py per suite, DIR/<suite> "
+    ap.add_argument("--ref-dir", help="output of tools/tf_reference/tf_checkpoint_check_tf.py per suite, DIR/<suite> "
                                       "(default: run it now)")
     args = ap.parse_args()
     suites = args.suites.split(",")

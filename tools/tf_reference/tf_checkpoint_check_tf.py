@@ -3,7 +3,7 @@
 
 Builds the reference's deepmac_maskrcnn model that a spec describes (small settings,
 SpineNet or ResNet-FPN) with the Model Garden task (as its trainer does), sets every variable to seeded random values, and
-writes what ``tools/tf_checkpoint_check.py`` converts and compares against:
+writes what ``tools/tf_reference/tf_checkpoint_check.py`` converts and compares against:
 
 - ``ckpt/``: a training checkpoint in the trainer's layout (``model``, its
   ``checkpoint_items`` at the root, ``global_step``);
@@ -14,7 +14,7 @@ writes what ``tools/tf_checkpoint_check.py`` converts and compares against:
   and its boxes (``heads|...``: the SavedModel serves masks for given boxes only);
 - ``mismatch_<case>/``: checkpoints of models that differ from the spec in one key.
 
-    .venv-tf/bin/python tools/tf_checkpoint_check_tf.py --spec spec.json --out DIR
+    .venv-tf/bin/python tools/tf_reference/tf_checkpoint_check_tf.py --spec spec.json --out DIR
 
 It imports nothing from deepmac_d2 (which needs torch and Detectron2).
 """
@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,7 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from parity_tf import creation_order, randomise  # noqa: E402  (tools/, next to this file)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/  # noqa: E402
+from parity_tf import creation_order, randomise  # noqa: E402  (next to this file)
 from read_tf_checkpoint import build_reference, reference_params  # noqa: E402
 
 # Models that differ from the spec in one place, for the mismatch errors, per backbone.

@@ -2,7 +2,7 @@
 """``make parity``: our ports against the TF Model Garden reference, same weights, float64.
 
 For SpineNet-49/96/143/190 and every DeepMaskHead variant at the reference's
-settings, ``tools/parity_tf.py`` (in ``.venv-tf``) builds the reference's own module,
+settings, ``tools/tf_reference/parity_tf.py`` (in ``.venv-tf``) builds the reference's own module,
 randomises every variable (BatchNorm statistics included) and records its outputs;
 this script (in ``.venv``) loads those variables into ours with the package's
 converter (``deepmac_d2.tf_port``: every variable used exactly once, kinds and shapes
@@ -18,17 +18,17 @@ Then a speed table: ours against the reference, float32 on the CPU, the same num
 of threads on both sides, forward (eval) and forward+backward (train mode, gradients
 of every parameter) for Hourglass-52 at crop 32 and the default head at crop 14 on
 64 ROIs each, and SpineNet-49 at 640 x 640. The reference runs under ``tf.function``
-(as it trains) in a worker process (``tools/parity_tf.py --speed-worker``); the two
+(as it trains) in a worker process (``tools/tf_reference/parity_tf.py --speed-worker``); the two
 sides' runs alternate, so load from other processes falls on both; each row gives
 the median and the minimum wall time of ``--speed-repeats`` runs, and the median
 process CPU time, which such load inflates less. Our forward rows run the model with its
 BatchNorms folded (``fuse_for_inference``), as the reference's graph folds them; the
 process settings are the caller's (docs/performance.md).
 
-    python tools/parity.py                      # runs tools/parity_tf.py in .venv-tf first
-    python tools/parity.py --cases spinenet49,hg52_head
-    python tools/parity.py --ref-dir DIR        # reuse parity_tf.py's output
-    python tools/parity.py --speed-only --speed-repeats 7
+    python tools/tf_reference/parity.py                      # runs tools/tf_reference/parity_tf.py in .venv-tf first
+    python tools/tf_reference/parity.py --cases spinenet49,hg52_head
+    python tools/tf_reference/parity.py --ref-dir DIR        # reuse parity_tf.py's output
+    python tools/tf_reference/parity.py --speed-only --speed-repeats 7
 """
 import argparse
 import copy
@@ -46,27 +46,28 @@ from torch import nn
 
 import deepmac_d2  # noqa: F401  (registers; installs the detectron2._C stand-in)
 from detectron2.layers import ShapeSpec
-from deepmac_d2.modeling import fuse_for_inference, tf_layers
+from deepmac_d2.modeling import fuse_for_inference
+from deepmac_d2.tf_port import layers as tf_layers
 from deepmac_d2.modeling.hourglass import KerasBatchNorm2d
 from deepmac_d2.modeling.mask_head import DeepMaskHead
-from deepmac_d2.modeling.spinenet import SpineNet
-from deepmac_d2.modeling.tf_heads import (
+from deepmac_d2.tf_port.spinenet import SpineNet
+from deepmac_d2.tf_port.heads import (
     TFConvFCHead, TFFastRCNNOutputLayers, TFRPNHead, reference_anchor_order,
 )
 from detectron2.modeling.box_regression import Box2BoxTransform
-from deepmac_d2.modeling.tf_resnet_fpn import TFResNetFPN
+from deepmac_d2.tf_port.resnet_fpn import TFResNetFPN
 from deepmac_d2.tf_port import ConversionError, layers_in_call_order, load_reference_weights
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TF_PYTHON = ROOT / ".venv-tf" / "bin" / "python"
-# Same keys as tools/parity_tf.py's HEADS: (variant, num_filters, crop, Keras momentum, eps).
+# Same keys as tools/tf_reference/parity_tf.py's HEADS: (variant, num_filters, crop, Keras momentum, eps).
 HEADS = {
     "default_head": ("default", 256, 14, 0.997, 1e-4),
     "hg20_head": ("hourglass20", 64, 32, 0.99, 1e-3),
     "hg52_head": ("hourglass52", 64, 32, 0.99, 1e-3),
     "hg100_head": ("hourglass100", 64, 32, 0.99, 1e-3),
 }
-# As tools/parity_tf.py's RESNET_FPN: the R50 rows' ResNet + FPN (levels 2..6, Keras 0.997 / 1e-4).
+# As tools/tf_reference/parity_tf.py's RESNET_FPN: the R50 rows' ResNet + FPN (levels 2..6, Keras 0.997 / 1e-4).
 RESNET_FPN = {"resnet50_fpn": 50}
 CASES = ["spinenet49", "spinenet96", "spinenet143", "spinenet190"] + list(RESNET_FPN) + ["rpn_head", "box_head"] + list(HEADS)
 RPN_LEVELS = range(2, 7)  # as parity_tf.py's RPN_LEVELS
@@ -267,7 +268,7 @@ def self_check(ref_dir):
             continue
         same = tf_layers.same_padding
         # PyTorch's habit: symmetric padding k // 2, where TF pads the extra pixel after
-        # (SpineNet's and the ResNet-FPN's strided convs and max pools are tf_layers.py's,
+        # (SpineNet's and the ResNet-FPN's strided convs and max pools are tf_port/layers.py's,
         # so this reaches both).
         tf_layers.same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)
         try:
@@ -337,7 +338,7 @@ def speed(cases, repeats, threads, ref_inter_op):
     (wall, CPU) seconds per run."""
     torch.set_num_threads(threads)
     worker = subprocess.Popen(
-        [str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--speed-worker", "--threads", str(threads),
+        [str(TF_PYTHON), str(ROOT / "tools" / "tf_reference" / "parity_tf.py"), "--speed-worker", "--threads", str(threads),
          "--inter-op", str(ref_inter_op)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -401,7 +402,7 @@ def print_speed_table(cases, repeats, threads, ref_inter_op=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--ref-dir", help="output of tools/parity_tf.py (default: run it now)")
+    ap.add_argument("--ref-dir", help="output of tools/tf_reference/parity_tf.py (default: run it now)")
     ap.add_argument("--speed-only", action="store_true", help="only the speed table")
     ap.add_argument("--speed-repeats", type=int, default=5, help="timed runs per row (0: no speed table)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each side in the speed table")
@@ -424,7 +425,7 @@ def main():
             ref_dir = tmp
             # The self-check's wrong ports need these two cases whatever --cases says.
             tf_cases = cases + [c for c in SELF_CHECK_CASES if c not in cases]
-            subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "parity_tf.py"), "--out", ref_dir,
+            subprocess.run([str(TF_PYTHON), str(ROOT / "tools" / "tf_reference" / "parity_tf.py"), "--out", ref_dir,
                             "--cases", ",".join(tf_cases)], check=True)
         rows = self_check(ref_dir)
         for name in cases:

@@ -127,8 +127,8 @@ def add_deepmac_config(cfg):
     cfg.DATASETS.COCO_FILES = []
 
     # Standard speed-ups, off by default (docs/performance.md has what each gains):
-    # torch.compile of "none", "mask_head" (the ROI mask head) or "model" (the whole model),
-    # with a torch.compile backend; dynamic shapes, as the ROI count changes every batch.
+    # torch.compile of "none" or "mask_head" (the ROI mask head's network), with a
+    # torch.compile backend; dynamic shapes, as the ROI count changes every batch.
     cfg.MODEL.COMPILE = CN()
     cfg.MODEL.COMPILE.TARGET = "none"
     cfg.MODEL.COMPILE.BACKEND = "inductor"

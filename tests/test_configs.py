@@ -106,6 +106,21 @@ def test_default_eval_subset_is_the_held_out_split(name):
     assert subsets[0][1] == list(novel) and subsets[1][1] == list(seen)
 
 
+def flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("name", [c for c in SPLIT_CONFIGS if c.startswith("nonvoc_")])
+def test_a_nonvoc_config_is_its_voc_twin_with_the_splits_swapped(name):
+    # What lets test_coco_configs.py train one nonvoc_* config for all of them.
+    voc, nonvoc = flat(load(name.replace("nonvoc_", "voc_", 1))), flat(load(name))
+    differ = {k for k in voc if voc[k] != nonvoc[k]}
+    assert differ <= {"MODEL.ROI_MASK_HEAD.ALLOWED_CLASS_IDS", "DATASETS.EVAL_CLASS_SUBSETS", "OUTPUT_DIR"}, differ
+
+
 def tiny(cfg):
     """Shrink a config's model to CPU-test size, keeping its mask-head variant and crop."""
     cfg.MODEL.DEVICE = "cpu"

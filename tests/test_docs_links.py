@@ -27,15 +27,22 @@ def markdown_files():
     return files
 
 
-def prose_lines(text):
-    """(line number, line) outside fenced code blocks, inline code removed."""
+def prose_lines_keep_code(text):
+    """(line number, line) outside fenced code blocks; headings keep their inline code (it
+    is part of the anchor)."""
     in_fence = False
     for number, line in enumerate(text.splitlines(), 1):
         if FENCE.match(line):
             in_fence = not in_fence
             continue
         if not in_fence:
-            yield number, INLINE_CODE.sub("", line)
+            yield number, line
+
+
+def prose_lines(text):
+    """(line number, line) outside fenced code blocks, inline code removed."""
+    for number, line in prose_lines_keep_code(text):
+        yield number, INLINE_CODE.sub("", line)
 
 
 def slug(heading):
@@ -59,17 +66,6 @@ def anchors(path):
             seen[base] = n + 1
             result.add(base if n == 0 else f"{base}-{n}")
     return result
-
-
-def prose_lines_keep_code(text):
-    """Like prose_lines, but headings keep their inline code (it is part of the anchor)."""
-    in_fence = False
-    for number, line in enumerate(text.splitlines(), 1):
-        if FENCE.match(line):
-            in_fence = not in_fence
-            continue
-        if not in_fence:
-            yield number, line
 
 
 def broken_links(path, root=ROOT):

@@ -77,9 +77,9 @@ def test_fused_evaluation_copy_leaves_the_training_model():
 
 
 @pytest.mark.parametrize("opts, message", [
-    (["MODEL.COMPILE.TARGET", "everything"], r"MODEL.COMPILE.TARGET='everything' is unknown; choose one of none, mask_head, model"),
     (["TEST.FUSE", "yes"], r"TEST.FUSE='yes' is unknown; choose one of none, conv_bn"),
-    (["MODEL.COMPILE.TARGET", "model", "MODEL.COMPILE.BACKEND", "fastest"],
+    (["MODEL.COMPILE.TARGET", "model"], r"MODEL.COMPILE.TARGET='model' is unknown; choose one of none, mask_head"),
+    (["MODEL.COMPILE.TARGET", "mask_head", "MODEL.COMPILE.BACKEND", "fastest"],
      r"MODEL.COMPILE.BACKEND='fastest' is not a torch.compile backend .*available: .*inductor"),
 ])
 def test_bad_speedup_values_fail_at_setup(opts, message):

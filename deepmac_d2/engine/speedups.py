@@ -18,7 +18,7 @@ from ..modeling import fuse_for_inference
 
 __all__ = ["COMPILE_TARGETS", "FUSE_CHOICES", "check_speedup_config", "compile_model", "inference_model"]
 
-COMPILE_TARGETS = ("none", "mask_head", "model")
+COMPILE_TARGETS = ("none", "mask_head")
 FUSE_CHOICES = ("none", "conv_bn")
 
 
@@ -56,17 +56,16 @@ def compile_model(model, cfg):
     """``model`` with ``MODEL.COMPILE.TARGET`` compiled in place, so its state_dict keys,
     checkpoints and DDP wrapping stay as they are.
 
-    "model" compiles the whole forward (``nn.Module.compile``). "mask_head" compiles the
-    head's network, its ``layers`` (Detectron2's mask heads all have one): the loss and
-    the paste of Detectron2's ``Instances`` around it are Python bookkeeping that
-    inductor gains nothing on (and, with dynamic ROI counts, fails to lower). A copy of
+    "mask_head" compiles the head's network, its ``layers`` (Detectron2's mask heads all
+    have one): the loss and the paste of Detectron2's ``Instances`` around it are Python
+    bookkeeping that inductor gains nothing on (and, with dynamic ROI counts, fails to
+    lower). The whole model is not a target: Detectron2's Python between the modules
+    (proposal sampling, Instances, per-image loops) breaks its graph at every step, and
+    on the CPU its first training step did not finish compiling in 20 minutes. A copy of
     the model (``copy.deepcopy``) keeps the compiled ``layers``, bound to the copy.
     """
-    target, options = cfg.MODEL.COMPILE.TARGET, dict(backend=cfg.MODEL.COMPILE.BACKEND,
-                                                      dynamic=cfg.MODEL.COMPILE.DYNAMIC)
-    if target == "model":
-        model.compile(**options)
-    elif target == "mask_head":
+    options = dict(backend=cfg.MODEL.COMPILE.BACKEND, dynamic=cfg.MODEL.COMPILE.DYNAMIC)
+    if cfg.MODEL.COMPILE.TARGET == "mask_head":
         head = model.roi_heads.mask_head
         head.layers = types.MethodType(torch.compile(type(head).layers, **options), head)
     return model

@@ -180,15 +180,15 @@ def measure(cases, variants, repeats, warmup):
     return results
 
 
-def in_child(variant, cases, threads, repeats, warmup, root=None):
-    """{case: {variant: runs}} of this script run for ``variant`` alone in a new process
-    (on the package and configs under ``root`` when given)."""
+def in_child(label, variant, cases, threads, repeats, warmup, root=None):
+    """{case: {label: runs}}: this script's ``variant`` alone in a new process (on the
+    package and configs under ``root`` when given)."""
     env = dict(os.environ, PYTHONPATH=root) if root else None
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--repeats", str(repeats),
-           "--warmup", str(warmup), "--variants", "plain" if root else variant, "--cases", ",".join(cases),
+           "--warmup", str(warmup), "--variants", variant, "--cases", ",".join(cases),
            "--json"] + (["--root", root] if root else [])
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    return {case: {variant: next(iter(v.values()))} for case, v in json.loads(out.stdout).items()}
+    return {case: {label: v[variant]} for case, v in json.loads(out.stdout).items()}
 
 
 def fast_paths(ref, cases, threads, repeats, warmup):
@@ -198,7 +198,7 @@ def fast_paths(ref, cases, threads, repeats, warmup):
                              check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder)
-    return in_child("fast paths", cases, threads, repeats, warmup, root=folder)
+    return in_child("fast paths", "plain", cases, threads, repeats, warmup, root=folder)
 
 
 def cell(runs):
@@ -234,7 +234,7 @@ def main():
     # threads slow the eager runs that alternate with them (the plain voc_r50_hg52 step
     # by a fifth on 2 cores), so only plain and fused share a process and alternate.
     results = measure(cases, [v for v in variants if v != "compile"], args.repeats, args.warmup)
-    children = [in_child("compile", cases, args.threads, args.repeats, args.warmup)] if "compile" in variants else []
+    children = [in_child("compile", "compile", cases, args.threads, args.repeats, args.warmup)] if "compile" in variants else []
     if args.fast_paths_ref:
         children.append(fast_paths(args.fast_paths_ref, cases, args.threads, args.repeats, args.warmup))
     for child in children:
